@@ -1,0 +1,66 @@
+"""`llamafactory-ext <command>`: one subcommand per module.
+
+Each module in COMMANDS exposes `add_arguments(parser)` and `run(args) -> int`, and keeps
+heavy imports (torch, transformers, llamafactory) inside functions so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from llamafactory_ext import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny": ("llamafactory_ext.tiny", "build the tiny offline Mistral/Gemma models (cached)"),
+    "convert": ("llamafactory_ext.convert", "paper-review JSONL -> alpaca JSONL (validated, rejects kept)"),
+    "truncate": ("llamafactory_ext.truncate", "cut papers (never reviews) to a token budget"),
+    "split": ("llamafactory_ext.split", "split by paper into train/test and nested train subsets"),
+    "register": ("llamafactory_ext.register", "add/update one dataset in dataset_info.json (atomic)"),
+    "run": ("llamafactory_ext.launch", "resolve and launch sft / merge / predict for MODEL x DATA"),
+    "extract": ("llamafactory_ext.extract", "generated_predictions.jsonl -> reviews.jsonl + metrics"),
+    "judge": ("llamafactory_ext.judge", "position-swapped pairwise judge over an OpenAI-compatible API"),
+    "review": ("llamafactory_ext.review", "review one PDF/TXT/MD paper with a local model"),
+    "webui": ("llamafactory_ext.webui", "LLaMA-Factory's WebUI on 127.0.0.1:6006 with our datasets"),
+    "doctor": ("llamafactory_ext.doctor", "check the environment (torch/CUDA, bnb, DeepSpeed, pins)"),
+    "plan": ("llamafactory_ext.plan", "estimate peak GPU memory of a recipe before launching it"),
+    "niah": ("llamafactory_ext.niah", "needle-in-a-haystack probe of a model's effective context"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    """Commands whose module exists in this checkout."""
+    import importlib.util
+
+    return {n: v for n, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = _available()
+    parser = argparse.ArgumentParser(
+        prog="llamafactory-ext",
+        description="Paper-reviewer LLMs on LLaMA-Factory: data, recipes, training, evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    modules = {}
+    for name, (modname, helptext) in commands.items():
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=helptext, description=(mod.__doc__ or helptext).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        modules[name] = mod
+    args = parser.parse_args(argv)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
