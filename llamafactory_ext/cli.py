@@ -30,30 +30,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    """Commands whose module exists in this checkout."""
-    import importlib.util
-
-    return {n: v for n, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
-
-
 def main(argv: list[str] | None = None) -> int:
-    commands = _available()
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="llamafactory-ext",
         description="Paper-reviewer LLMs on LLaMA-Factory: data, recipes, training, evaluation.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = {}
-    for name, (modname, helptext) in commands.items():
-        mod = importlib.import_module(modname)
-        p = sub.add_parser(name, help=helptext, description=(mod.__doc__ or helptext).strip(),
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for name, (modname, helptext) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_arguments(p)
-        modules[name] = mod
+        if name == chosen:  # import only the module of the command being run
+            module = importlib.import_module(modname)
+            p.description = (module.__doc__ or helptext).strip()
+            module.add_arguments(p)
     args = parser.parse_args(argv)
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(module.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,120 @@
+# Paper-reviewer LLMs on LLaMA-Factory. `make demo` runs everything on CPU; `make test` runs the tests.
+# Every target installs what it needs first (`make install`, quick when already done).
+#
+#   make sft     MODEL=mistral DATA=15k [ROPE=linear|dynamic] [RESUME=auto|never|path] [NPROC=8] [DRY_RUN=1]
+#   make merge   MODEL=mistral DATA=15k
+#   make predict MODEL=mistral DATA=15k [TEMP=0.35 | TEMPS="0.35 0.5"] [MAX_SAMPLES=N]
+#   make data    MODEL=mistral IN=/path/to/paper_review.jsonl      (convert, split, truncate, register)
+#   make webui   [PORT=6006] [HOST=127.0.0.1] [WEBUI_AUTH=user:password]
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXT    := $(BIN)/llamafactory-ext
+STAMP  := $(VENV)/.installed
+
+MODEL ?= tiny
+DATA  ?= sample
+PORT  ?= 6006
+HOST  ?= 127.0.0.1
+
+# Offline by default: nothing is fetched from a model hub unless you unset this (real model IDs
+# in the recipes need either a local copy via MODEL_PATH=... or HF_HUB_OFFLINE=0).
+export HF_HUB_OFFLINE ?= 1
+export PATH := $(abspath $(BIN)):$(PATH)
+export TOKENIZERS_PARALLELISM ?= false
+export GRADIO_ANALYTICS_ENABLED ?= False
+
+# Forwarded to `llamafactory-ext run` (it reads them from the environment).
+export MODEL DATA MODEL_PATH ROPE RESUME CUTOFF NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT DRY_RUN
+export TEMP TEMPS TOP_P MAX_NEW_TOKENS MAX_SAMPLES BACKEND TEST_DATASET HOST PORT WEBUI_AUTH
+
+.PHONY: help install test demo tiny data sft merge predict webui doctor plan bench-data lint clean
+
+help:
+	@sed -n '1,12p' Makefile | sed 's/^# \{0,1\}//'
+
+# ---- install: one venv, the pinned set from pyproject.toml, re-run only when pyproject changes ----
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+# ---- the embedded default: tiny models + the 36-paper sample ----
+tiny: $(STAMP)
+	$(EXT) tiny
+
+SAMPLE_BUILD := data/build/sample
+# budget for the tiny recipes (cutoff_len 1024) minus room for either tiny template's own tokens
+SAMPLE_TRAIN_TOKENS := 1000
+SAMPLE_PAPER_TOKENS := 700
+
+data: $(STAMP)
+ifeq ($(DATA),sample)
+	$(EXT) tiny
+	$(EXT) convert data/sample/paper_review.jsonl $(SAMPLE_BUILD)/all.jsonl
+	$(EXT) split $(SAMPLE_BUILD)/all.jsonl --test-size 6 --seed 0 --out-dir $(SAMPLE_BUILD)
+	$(EXT) truncate $(SAMPLE_BUILD)/all_train.jsonl $(SAMPLE_BUILD)/train.jsonl \
+	    --tokenizer build/tiny/mistral --template mistral --max-tokens $(SAMPLE_TRAIN_TOKENS)
+	$(EXT) truncate $(SAMPLE_BUILD)/all_test.jsonl $(SAMPLE_BUILD)/test.jsonl \
+	    --tokenizer build/tiny/mistral --template mistral --inference --paper-tokens $(SAMPLE_PAPER_TOKENS)
+	$(EXT) register sample_train $(SAMPLE_BUILD)/train.jsonl
+	$(EXT) register sample_test $(SAMPLE_BUILD)/test.jsonl
+else
+	@test -n "$(IN)" || { echo "error: make data MODEL=$(MODEL) needs IN=/path/to/paper_review.jsonl"; exit 2; }
+	$(BIN)/python -m llamafactory_ext.prepare --model $(MODEL) --in "$(IN)" $(if $(MODEL_PATH),--model-path "$(MODEL_PATH)")
+endif
+
+# ---- train / merge / predict: LLaMA-Factory's own entry points, resolved by llamafactory-ext run ----
+sft: $(STAMP)
+	@if [ "$(DATA)" = sample ] && [ ! -f $(SAMPLE_BUILD)/train.jsonl ]; then $(MAKE) --no-print-directory data DATA=sample; fi
+	@if [ "$(MODEL)" = tiny ] || [ "$(MODEL)" = tiny_gemma ]; then $(EXT) tiny; fi
+	$(EXT) run sft
+
+merge: $(STAMP)
+	$(EXT) run merge
+
+predict: $(STAMP)
+	$(EXT) run predict
+
+demo: $(STAMP)
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory data DATA=sample && \
+	$(EXT) run sft --model tiny --data sample --resume never && \
+	$(EXT) run merge --model tiny --data sample && \
+	$(EXT) run predict --model tiny --data sample && \
+	echo && echo "demo finished in $$(( $$(date +%s) - start )) s:" && \
+	echo "  adapter:      runs/tiny_sample/adapter" && \
+	echo "  loss plot:    runs/tiny_sample/adapter/training_loss.png" && \
+	echo "  merged model: runs/tiny_sample/merged" && \
+	echo "  predictions:  runs/tiny_sample/predict/temp_0.35/generated_predictions.jsonl" && \
+	echo "  reviews:      runs/tiny_sample/predict/temp_0.35/reviews.jsonl" && \
+	echo "  metrics:      runs/tiny_sample/predict/metrics.md" && \
+	cat runs/tiny_sample/predict/metrics.md 2>/dev/null || true
+
+webui: $(STAMP)
+	$(EXT) webui
+
+doctor: $(STAMP)
+	$(EXT) doctor
+
+plan: $(STAMP)
+	$(EXT) plan sft_recipes/$(MODEL)_$(DATA).yaml $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))
+
+# ---- tests ----
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench-data: $(STAMP)
+	$(BIN)/python tests/bench_data.py
+
+clean:
+	rm -rf runs build data/build test-artifacts llamaboard_cache llamaboard_config saves

@@ -1,0 +1,404 @@
+"""Resolve MODEL x DATA to a recipe and launch LLaMA-Factory's own train / export / predict.
+
+    llamafactory-ext run sft --model mistral --data 15k [--rope linear] [--resume auto] [--nproc 8]
+    llamafactory-ext run sft --model mistral --data 15k --dry-run     # print + validate, load nothing
+    llamafactory-ext run merge --model mistral --data 15k
+    llamafactory-ext run predict --model mistral --data 15k --temps "0.35 0.5"
+
+(`make sft|merge|predict MODEL=.. DATA=..` call these.) Everything for one MODEL x DATA lives in
+`runs/<model>_<data>/`: `sft_args.yaml` (the final arguments, exactly what LLaMA-Factory got),
+`adapter/` (LoRA adapter, checkpoints, loss plot), `merged/`, `predict/temp_<T>/`.
+Extra `key=value` arguments override recipe keys (LLaMA-Factory's own names, e.g. `cutoff_len=8192`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from llamafactory_ext import UserError
+from llamafactory_ext.fileio import atomic_write_text
+
+RECIPES = Path("sft_recipes")
+RUNS = Path("runs")
+ROPE_TYPES = ("linear", "dynamic")
+# family of each MODEL name -> the LLaMA-Factory template it must use
+TEMPLATES = {"mistral": "mistral", "gemma": "gemma", "tiny": "mistral", "tiny_gemma": "gemma"}
+# test split registered for each MODEL x DATA (predict); inference-truncated papers
+TEST_DATASETS = {"sample": "sample_test"}
+PREDICT_DEFAULTS = {  # max_new_tokens: a full review on real models, a few words on the tiny ones
+    "tiny": {"max_new_tokens": 48}, "tiny_gemma": {"max_new_tokens": 48},
+}
+
+
+def recipes() -> dict[tuple[str, str], Path]:
+    """(model, data) -> recipe, from the files `sft_recipes/<model>_<data>.yaml`."""
+    out = {}
+    for p in sorted(RECIPES.glob("*.yaml")):
+        model, _, data = p.stem.rpartition("_")
+        if model in TEMPLATES:
+            out[(model, data)] = p
+    return out
+
+
+def resolve_recipe(model: str, data: str) -> Path:
+    table = recipes()
+    if (model, data) in table:
+        return table[(model, data)]
+    models = sorted({m for m, _ in table})
+    datas = sorted({d for _, d in table})
+    if model not in models:
+        raise UserError(f"unknown MODEL={model!r}; valid values: {', '.join(models)}")
+    if data not in datas:
+        raise UserError(f"unknown DATA={data!r}; valid values: {', '.join(datas)}")
+    combos = ", ".join(f"MODEL={m} DATA={d}" for m, d in table)
+    raise UserError(f"no recipe sft_recipes/{model}_{data}.yaml; available: {combos}")
+
+
+def run_dir(model: str, data: str) -> Path:
+    return RUNS / f"{model}_{data}"
+
+
+def load_yaml(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (example: cutoff_len=8192)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v) if v != "" else None
+    return out
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    best = None
+    for p in output_dir.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return best[1] if best else None
+
+
+def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
+    """The final LLaMA-Factory arguments for `make sft`, and the run folder."""
+    recipe = resolve_recipe(ns.model, ns.data)
+    args = load_yaml(recipe)
+    rdir = run_dir(ns.model, ns.data)
+    args["output_dir"] = str(rdir / "adapter")
+    if ns.model_path:
+        args["model_name_or_path"] = ns.model_path
+    if ns.rope:
+        if ns.rope not in ROPE_TYPES:
+            raise UserError(f"unknown ROPE={ns.rope!r}; valid values: {', '.join(ROPE_TYPES)}")
+        args["rope_scaling"] = ns.rope
+    if ns.cutoff:
+        args["cutoff_len"] = int(ns.cutoff)
+    args.update(parse_overrides(ns.overrides))
+
+    out = Path(args["output_dir"])
+    resume = ns.resume or "auto"
+    if resume == "auto":  # LLaMA-Factory resumes from output_dir's last checkpoint-N when this is false
+        args["overwrite_output_dir"] = False
+        args.pop("resume_from_checkpoint", None)
+    elif resume in ("never", "fresh", "no"):
+        args["overwrite_output_dir"] = False
+    else:
+        ckpt = Path(resume)
+        if not (ckpt / "trainer_state.json").is_file():
+            found = last_checkpoint(out)
+            hint = f" (the last one in {out} is {found})" if found else ""
+            raise UserError(f"RESUME={resume}: not a checkpoint folder with trainer_state.json{hint}")
+        args["resume_from_checkpoint"] = str(ckpt)
+        args["overwrite_output_dir"] = False
+    return args, rdir
+
+
+def _env(ns: argparse.Namespace, args: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)  # torchrun and llamafactory-cli of this venv
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    nproc = ns.nproc or os.environ.get("NPROC_PER_NODE")
+    distributed = bool(args.get("deepspeed")) or int(nproc or 1) > 1 or int(ns.nnodes or 1) > 1
+    if distributed:
+        env["FORCE_TORCHRUN"] = "1"
+        if not nproc:
+            import torch
+
+            nproc = max(torch.cuda.device_count(), 1)  # LLaMA-Factory's default is 0 on a CPU machine
+        env["NPROC_PER_NODE"] = str(nproc)
+    for key, val in (("NNODES", ns.nnodes), ("NODE_RANK", ns.node_rank), ("MASTER_ADDR", ns.master_addr),
+                     ("MASTER_PORT", ns.master_port)):
+        if val not in (None, ""):
+            env[key] = str(val)
+    return env
+
+
+def _launch(cmd: list[str], env: dict[str, str]) -> int:
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def dump_yaml(args: dict) -> str:
+    return yaml.safe_dump(args, sort_keys=False, allow_unicode=True)
+
+
+def validate_sft_args(args: dict, dataset_info: Path = Path("dataset_info.json")) -> list[str]:
+    """Checks LLaMA-Factory does not do before loading weights. Returns a list of problems."""
+    problems = []
+    info = json.loads(dataset_info.read_text(encoding="utf-8")) if dataset_info.exists() else {}
+    for key in ("dataset", "eval_dataset"):
+        for name in str(args.get(key) or "").split(","):
+            name = name.strip()
+            if name and name not in info:
+                problems.append(f"{key}: {name!r} is not in {dataset_info}; register it with "
+                                f"`llamafactory-ext register {name} FILE` (known: {', '.join(info)})")
+    ds = args.get("deepspeed")
+    if ds and isinstance(ds, str) and not Path(ds).is_file():
+        problems.append(f"deepspeed: {ds} does not exist")
+    return problems
+
+
+def cmd_sft(ns: argparse.Namespace) -> int:
+    args, rdir = sft_args(ns)
+    env = _env(ns, args)
+    problems = validate_sft_args(args)
+    final = rdir / "sft_args.yaml"
+    if ns.dry_run:
+        print(f"# resolved from {resolve_recipe(ns.model, ns.data)}; would be written to {final}")
+        print(dump_yaml(args))
+        launch = {k: env[k] for k in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR",
+                                      "MASTER_PORT") if k in env}
+        print(f"# launch: {' '.join(f'{k}={v}' for k, v in launch.items())} llamafactory-cli train {final}")
+        problems += parse_check(args)
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        print("dry run: " + ("arguments OK (no weights loaded)" if not problems else f"{len(problems)} problem(s)"))
+        return 1 if problems else 0
+    if problems:
+        raise UserError("; ".join(problems))
+    out = Path(args["output_dir"])
+    if (ns.resume in ("never", "fresh", "no")) and out.exists():
+        aside = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"RESUME={ns.resume}: moved the previous run aside to {aside} (nothing deleted)")
+    elif ns.resume in (None, "auto"):
+        ck = last_checkpoint(out) if out.exists() else None
+        print(f"resuming from {ck}" if ck else f"starting a new run in {out}")
+    rdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(final, dump_yaml(args))
+    return _launch(["llamafactory-cli", "train", str(final)], env)
+
+
+def parse_check(args: dict) -> list[str]:
+    """Run LLaMA-Factory's own argument parser on `args` in a child process (nothing is loaded)."""
+    code = (
+        "import sys, json, yaml\n"
+        "from llamafactory.hparams import get_train_args\n"
+        "a = yaml.safe_load(sys.stdin)\n"
+        "a.setdefault('use_cpu', True) if a.get('bf16') or a.get('fp16') else None\n"
+        "m, d, t, f, g = get_train_args(a)\n"
+        "print('PARSED', json.dumps({'model_max_length': m.model_max_length, 'bf16': t.bf16}))\n"
+    )
+    import socket
+
+    import torch
+
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if not torch.cuda.is_available():
+        # CPU validation: pretend to be rank 0 of 1 so DeepSpeed recipes parse, and allow bf16 via use_cpu.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+    p = subprocess.run([sys.executable, "-c", code], input=dump_yaml(args), text=True, capture_output=True, env=env)
+    if p.returncode == 0 and "PARSED" in p.stdout:
+        return []
+    lines = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
+    return [f"LLaMA-Factory rejected the arguments: {lines[-1] if lines else 'exit ' + str(p.returncode)}"]
+
+
+def _trained_args(ns: argparse.Namespace) -> tuple[dict, Path]:
+    """The arguments the last `make sft` of this MODEL x DATA used (falls back to the recipe)."""
+    rdir = run_dir(ns.model, ns.data)
+    saved = rdir / "sft_args.yaml"
+    if saved.exists():
+        args = load_yaml(saved)
+    else:
+        args = load_yaml(resolve_recipe(ns.model, ns.data))
+    if ns.model_path:
+        args["model_name_or_path"] = ns.model_path
+    return args, rdir
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    trained, rdir = _trained_args(ns)
+    adapter = Path(trained.get("output_dir", rdir / "adapter"))
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"no trained adapter in {adapter}; run `make sft MODEL={ns.model} DATA={ns.data}` first")
+    merged = rdir / "merged"
+    args = {
+        # Merge onto the ORIGINAL, unquantized base (a 4-bit base cannot take a merged adapter:
+        # LLaMA-Factory raises "Cannot merge adapters to a quantized model").
+        "model_name_or_path": trained["model_name_or_path"],
+        "adapter_name_or_path": str(adapter),
+        "template": trained["template"],
+        "finetuning_type": "lora",
+        "export_dir": str(merged),
+        "export_size": 5,
+        "export_device": "cpu",
+        "infer_dtype": "bfloat16" if trained.get("bf16") else "auto",
+    }
+    if trained.get("rope_scaling"):  # bake the training-time RoPE scaling into the merged config.json
+        args["rope_scaling"] = trained["rope_scaling"]
+        args["cutoff_len"] = trained.get("cutoff_len", 2048)
+    args.update(parse_overrides(ns.overrides))
+    rdir.mkdir(parents=True, exist_ok=True)
+    final = rdir / "merge_args.yaml"
+    atomic_write_text(final, dump_yaml(args))
+    if ns.dry_run:
+        print(dump_yaml(args))
+        return 0
+    tmp = merged.with_name("merged.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args["export_dir"] = str(tmp)
+    atomic_write_text(final, dump_yaml(args))
+    rc = _launch(["llamafactory-cli", "export", str(final)], _env(ns, {}))
+    if rc == 0:
+        if merged.exists():
+            shutil.rmtree(merged)
+        tmp.rename(merged)
+        args["export_dir"] = str(merged)
+        atomic_write_text(final, dump_yaml(args))
+        print(f"merged model: {merged}")
+    return rc
+
+
+def predict_dataset(ns: argparse.Namespace) -> str:
+    if ns.dataset:
+        return ns.dataset
+    if ns.data in TEST_DATASETS:
+        return TEST_DATASETS[ns.data]
+    family = TEMPLATES.get(ns.model, ns.model)
+    return f"paper_review_test_{family}"
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    trained, rdir = _trained_args(ns)
+    merged = Path(ns.model_dir) if ns.model_dir else rdir / "merged"
+    if not (merged / "config.json").is_file():
+        raise UserError(f"no merged model in {merged}; run `make merge MODEL={ns.model} DATA={ns.data}` first")
+    temps = [float(t) for t in re.split(r"[ ,]+", (ns.temps or str(ns.temp)).strip()) if t]
+    dataset = predict_dataset(ns)
+    problems = validate_sft_args({"eval_dataset": dataset})
+    if problems:
+        raise UserError("; ".join(problems))
+    defaults = PREDICT_DEFAULTS.get(ns.model, {})
+    outs = []
+    for t in temps:
+        out = rdir / "predict" / f"temp_{t:g}"
+        args = {
+            "stage": "sft",
+            "do_predict": True,
+            "predict_with_generate": True,
+            "model_name_or_path": str(merged),
+            "template": trained["template"],
+            "eval_dataset": dataset,
+            "dataset_dir": trained.get("dataset_dir", "."),
+            "cutoff_len": trained.get("cutoff_len", 2048),
+            "do_sample": t > 0,
+            "temperature": t if t > 0 else 1.0,
+            "top_p": ns.top_p,
+            "max_new_tokens": ns.max_new_tokens or defaults.get("max_new_tokens", 1024),
+            "per_device_eval_batch_size": ns.batch_size,
+            "output_dir": str(out),
+            "overwrite_output_dir": True,
+            "report_to": "none",
+            "seed": ns.seed,
+            "bf16": bool(trained.get("bf16")),
+        }
+        if ns.max_samples:
+            args["max_samples"] = ns.max_samples
+        if ns.backend == "vllm":
+            args["infer_backend"] = "vllm"
+        args.update(parse_overrides(ns.overrides))
+        final = rdir / f"predict_args_temp_{t:g}.yaml"
+        atomic_write_text(final, dump_yaml(args))
+        if ns.dry_run:
+            print(dump_yaml(args))
+            continue
+        rc = _launch(["llamafactory-cli", "train", str(final)], _env(ns, {}))
+        if rc != 0:
+            return rc
+        outs.append(out)
+    if outs and not ns.no_extract:
+        return extract_all(ns, outs, dataset, rdir)
+    return 0
+
+
+def extract_all(ns: argparse.Namespace, outs: list[Path], dataset: str, rdir: Path) -> int:
+    """reviews.jsonl + per-paper Markdown + the metrics table over all temperatures."""
+    try:
+        from llamafactory_ext import extract
+    except ImportError:
+        return 0
+    info = json.loads(Path("dataset_info.json").read_text(encoding="utf-8"))
+    ids = info.get(dataset, {}).get("file_name")
+    argv = [str(o / "generated_predictions.jsonl") for o in outs] + ["--out", str(rdir / "predict")]
+    if ids and Path(ids).exists():
+        argv += ["--ids", ids]
+    for o in outs:
+        argv += ["--name", o.name]
+    p = argparse.ArgumentParser()
+    extract.add_arguments(p)
+    return extract.run(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("sft", "merge", "predict"))
+    p.add_argument("--model", default=os.environ.get("MODEL") or "tiny", help="tiny | tiny_gemma | mistral | gemma")
+    p.add_argument("--data", default=os.environ.get("DATA") or "sample", help="sample | 5k | 15k")
+    p.add_argument("--model-path", default=os.environ.get("MODEL_PATH") or None,
+                   help="local path replacing the recipe's model id")
+    p.add_argument("--rope", default=os.environ.get("ROPE") or None, help="linear | dynamic")
+    p.add_argument("--cutoff", default=os.environ.get("CUTOFF") or None, help="override cutoff_len")
+    p.add_argument("--resume", default=os.environ.get("RESUME") or None,
+                   help="auto (default: last checkpoint in the run folder) | never | path/to/checkpoint-N")
+    p.add_argument("--nproc", default=os.environ.get("NPROC") or None, help="processes (GPUs) per node")
+    p.add_argument("--nnodes", default=os.environ.get("NNODES") or None)
+    p.add_argument("--node-rank", default=os.environ.get("NODE_RANK") or None)
+    p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR") or None)
+    p.add_argument("--master-port", default=os.environ.get("MASTER_PORT") or None)
+    p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN", "") not in ("", "0"),
+                   help="print and validate the final arguments; load nothing")
+    # predict
+    p.add_argument("--temp", type=float, default=float(os.environ.get("TEMP") or 0.35))
+    p.add_argument("--temps", default=os.environ.get("TEMPS") or None, help='sweep, e.g. "0.35 0.5"')
+    p.add_argument("--top-p", type=float, default=float(os.environ.get("TOP_P") or 0.9))
+    p.add_argument("--max-new-tokens", type=int, default=int(os.environ.get("MAX_NEW_TOKENS") or 0) or None)
+    p.add_argument("--max-samples", type=int, default=int(os.environ.get("MAX_SAMPLES") or 0) or None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dataset", default=os.environ.get("TEST_DATASET") or None, help="registered test split")
+    p.add_argument("--model-dir", default=None, help="model to predict with (default: runs/<model>_<data>/merged)")
+    p.add_argument("--backend", default=os.environ.get("BACKEND") or "huggingface", choices=("huggingface", "vllm"))
+    p.add_argument("--no-extract", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value LLaMA-Factory arguments")
+
+
+def run(ns: argparse.Namespace) -> int:
+    return {"sft": cmd_sft, "merge": cmd_merge, "predict": cmd_predict}[ns.action](ns)
