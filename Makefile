@@ -49,30 +49,17 @@ $(STAMP): pyproject.toml
 tiny: $(STAMP)
 	$(EXT) tiny
 
-SAMPLE_BUILD := data/build/sample
-# budget for the tiny recipes (cutoff_len 1024) minus room for either tiny template's own tokens
-SAMPLE_TRAIN_TOKENS := 1000
-SAMPLE_PAPER_TOKENS := 700
-
 data: $(STAMP)
-ifeq ($(DATA),sample)
-	$(EXT) tiny
-	$(EXT) convert data/sample/paper_review.jsonl $(SAMPLE_BUILD)/all.jsonl
-	$(EXT) split $(SAMPLE_BUILD)/all.jsonl --test-size 6 --seed 0 --out-dir $(SAMPLE_BUILD)
-	$(EXT) truncate $(SAMPLE_BUILD)/all_train.jsonl $(SAMPLE_BUILD)/train.jsonl \
-	    --tokenizer build/tiny/mistral --template mistral --max-tokens $(SAMPLE_TRAIN_TOKENS)
-	$(EXT) truncate $(SAMPLE_BUILD)/all_test.jsonl $(SAMPLE_BUILD)/test.jsonl \
-	    --tokenizer build/tiny/mistral --template mistral --inference --paper-tokens $(SAMPLE_PAPER_TOKENS)
-	$(EXT) register sample_train $(SAMPLE_BUILD)/train.jsonl
-	$(EXT) register sample_test $(SAMPLE_BUILD)/test.jsonl
-else
+ifeq ($(filter tiny tiny_gemma,$(MODEL)),)
 	@test -n "$(IN)" || { echo "error: make data MODEL=$(MODEL) needs IN=/path/to/paper_review.jsonl"; exit 2; }
-	$(BIN)/python -m llamafactory_ext.prepare --model $(MODEL) --in "$(IN)" $(if $(MODEL_PATH),--model-path "$(MODEL_PATH)")
+	$(EXT) data --model $(MODEL) --in "$(IN)" $(if $(MODEL_PATH),--model-path "$(MODEL_PATH)")
+else
+	$(EXT) data
 endif
 
 # ---- train / merge / predict: LLaMA-Factory's own entry points, resolved by llamafactory-ext run ----
 sft: $(STAMP)
-	@if [ "$(DATA)" = sample ] && [ ! -f $(SAMPLE_BUILD)/train.jsonl ]; then $(MAKE) --no-print-directory data DATA=sample; fi
+	@if [ "$(DATA)" = sample ] && [ ! -f data/build/sample/train.jsonl ]; then $(EXT) data; fi
 	@if [ "$(MODEL)" = tiny ] || [ "$(MODEL)" = tiny_gemma ]; then $(EXT) tiny; fi
 	$(EXT) run sft
 
@@ -84,7 +71,7 @@ predict: $(STAMP)
 
 demo: $(STAMP)
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory data DATA=sample && \
+	$(EXT) data && \
 	$(EXT) run sft --model tiny --data sample --resume never && \
 	$(EXT) run merge --model tiny --data sample && \
 	$(EXT) run predict --model tiny --data sample && \

@@ -13,6 +13,12 @@ RoPE scaling (`rope_scaling: linear|dynamic|yarn|llama3`) is broken with transfo
    uses as the length where scaling starts: the base would only grow beyond old × factor instead
    of beyond the original context length.
 
+4. transformers 5.6's dynamic-NTK forward hook (`modeling_rope_utils.dynamic_rope_update`) stores the
+   cached length under the attribute `"None_max_seq_len_cached"` for single-RoPE models, so
+   `max_seq_len_cached` never moves and the reset to the original frequencies never fires: after one
+   batch longer than the original context, every shorter batch keeps the stretched frequencies.
+   `fixed_dynamic_rope_update` moves the value to where the check reads it.
+
 `fixed_configure_rope` below keeps LLaMA-Factory's semantics (factor = ceil(cutoff_len / original
 length) for training, 2.0 for inference; the same log lines) and writes a complete, valid
 `rope_parameters` dict with the model's own `rope_theta`.
@@ -29,8 +35,11 @@ import importlib.machinery
 import math
 import sys
 
+import functools
+
 ROPE_MODULE = "llamafactory.model.model_utils.rope"
 PATCHER_MODULE = "llamafactory.model.patcher"
+HF_ROPE_MODULE = "transformers.modeling_rope_utils"
 
 
 def fixed_configure_rope(config, model_args) -> None:
@@ -98,6 +107,32 @@ def fixed_configure_rope(config, model_args) -> None:
     )
 
 
+def _fix_dynamic_rope_update(original):
+    if getattr(original, "_llamafactory_ext_fixed", False):
+        return original
+
+    def fixed_dynamic_rope_update(rope_forward):
+        inner = original(rope_forward)
+
+        @functools.wraps(rope_forward)
+        def wrapper(self, x, position_ids, layer_type=None):
+            if layer_type is not None:
+                return inner(self, x, position_ids, layer_type=layer_type)
+            out = inner(self, x, position_ids)
+            if "None_max_seq_len_cached" in self.__dict__:  # transformers 5.6: wrong attribute name
+                self.max_seq_len_cached = self.__dict__.pop("None_max_seq_len_cached")
+            return out
+
+        return wrapper
+
+    fixed_dynamic_rope_update._llamafactory_ext_fixed = True
+    return fixed_dynamic_rope_update
+
+
+def _patch_hf_rope(module) -> None:
+    module.dynamic_rope_update = _fix_dynamic_rope_update(module.dynamic_rope_update)
+
+
 def apply() -> bool:
     """Patch the LLaMA-Factory modules already imported. Returns True if the rope module is patched."""
     rope = sys.modules.get(ROPE_MODULE)
@@ -112,7 +147,9 @@ def apply() -> bool:
 
 def is_applied() -> bool:
     rope = sys.modules.get(ROPE_MODULE)
-    return rope is not None and rope.configure_rope is fixed_configure_rope
+    hf = sys.modules.get(HF_ROPE_MODULE)
+    return (rope is not None and rope.configure_rope is fixed_configure_rope
+            and (hf is None or getattr(hf.dynamic_rope_update, "_llamafactory_ext_fixed", False)))
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -124,12 +161,16 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.inner.exec_module(module)
-        module.configure_rope = fixed_configure_rope  # before patcher.py copies the name
+        # before the modules that copy these names (patcher.py, modeling_<model>.py) import them
+        if module.__name__ == ROPE_MODULE:
+            module.configure_rope = fixed_configure_rope
+        elif module.__name__ == HF_ROPE_MODULE:
+            _patch_hf_rope(module)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname != ROPE_MODULE:
+        if fullname not in (ROPE_MODULE, HF_ROPE_MODULE):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
@@ -138,6 +179,8 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install_import_hook() -> None:
+    if HF_ROPE_MODULE in sys.modules:  # too late for model classes already defined; fix what we can
+        _patch_hf_rope(sys.modules[HF_ROPE_MODULE])
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
     apply()
