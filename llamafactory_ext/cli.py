@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(modname)
             p.description = (module.__doc__ or helptext).strip()
             module.add_arguments(p)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(module, "EXTRA_ARGS", None):  # e.g. `run sft ... key=value` overrides anywhere
+        setattr(args, module.EXTRA_ARGS, list(getattr(args, module.EXTRA_ARGS) or []) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(module.run(args) or 0)
     except UserError as e:

@@ -28,6 +28,7 @@ import yaml
 from llamafactory_ext import UserError
 from llamafactory_ext.fileio import atomic_write_text
 
+EXTRA_ARGS = "overrides"  # cli.py appends stray `key=value` arguments here
 RECIPES = Path("sft_recipes")
 RUNS = Path("runs")
 ROPE_TYPES = ("linear", "dynamic")
@@ -171,6 +172,18 @@ def validate_sft_args(args: dict, dataset_info: Path = Path("dataset_info.json")
     return problems
 
 
+def data_notes(args: dict, dataset_info: Path = Path("dataset_info.json")) -> list[str]:
+    """Registered datasets whose file is not built yet (a warning for dry runs)."""
+    info = json.loads(dataset_info.read_text(encoding="utf-8")) if dataset_info.exists() else {}
+    notes = []
+    for name in str(args.get("dataset") or "").split(","):
+        entry = info.get(name.strip())
+        if entry and "file_name" in entry and not (dataset_info.parent / entry["file_name"]).exists():
+            notes.append(f"note: {name.strip()} -> {entry['file_name']} is not built yet; "
+                         f"run `make data MODEL={args.get('template')} IN=/path/to/paper_review.jsonl` first")
+    return notes
+
+
 def cmd_sft(ns: argparse.Namespace) -> int:
     args, rdir = sft_args(ns)
     env = _env(ns, args)
@@ -183,6 +196,8 @@ def cmd_sft(ns: argparse.Namespace) -> int:
                                       "MASTER_PORT") if k in env}
         print(f"# launch: {' '.join(f'{k}={v}' for k, v in launch.items())} llamafactory-cli train {final}")
         problems += parse_check(args)
+        for note in data_notes(args):
+            print(note)
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
         print("dry run: " + ("arguments OK (no weights loaded)" if not problems else f"{len(problems)} problem(s)"))
@@ -202,16 +217,38 @@ def cmd_sft(ns: argparse.Namespace) -> int:
     return _launch(["llamafactory-cli", "train", str(final)], env)
 
 
-def parse_check(args: dict) -> list[str]:
-    """Run LLaMA-Factory's own argument parser on `args` in a child process (nothing is loaded)."""
-    code = (
-        "import sys, json, yaml\n"
-        "from llamafactory.hparams import get_train_args\n"
-        "a = yaml.safe_load(sys.stdin)\n"
-        "a.setdefault('use_cpu', True) if a.get('bf16') or a.get('fp16') else None\n"
-        "m, d, t, f, g = get_train_args(a)\n"
-        "print('PARSED', json.dumps({'model_max_length': m.model_max_length, 'bf16': t.bf16}))\n"
-    )
+PARSE_CHILD = """
+import dataclasses, json, sys, typing
+from llamafactory.hparams import get_train_args
+for line in sys.stdin:
+    a = json.loads(line)
+    if a.get("bf16") or a.get("fp16"):
+        a.setdefault("use_cpu", True)  # only for validation on a machine without a GPU
+    try:
+        parsed = get_train_args(a)
+        # HfArgumentParser.parse_dict does not enforce Literal choices (quantization_type: nf5 passes)
+        for obj in parsed:
+            hints = typing.get_type_hints(type(obj))
+            for field in dataclasses.fields(obj):
+                kind = hints.get(field.name)
+                args = typing.get_args(kind)
+                if typing.get_origin(kind) is typing.Union:
+                    lits = [x for x in args if typing.get_origin(x) is typing.Literal]
+                    kind, args = (lits[0], typing.get_args(lits[0])) if lits else (kind, ())
+                value = getattr(obj, field.name)
+                if typing.get_origin(kind) is typing.Literal and value is not None and value not in args:
+                    raise ValueError(f"{field.name}: {value!r} is not one of {list(args)}")
+        print("PARSED " + json.dumps({"model_max_length": parsed[0].model_max_length}), flush=True)
+    except BaseException as e:
+        msg = (str(e) or type(e).__name__).strip().splitlines()
+        print("FAILED " + json.dumps(type(e).__name__ + ": " + (msg[-1] if msg else "")), flush=True)
+"""
+
+
+def parse_check_many(arg_dicts: list[dict]) -> list[list[str]]:
+    """LLaMA-Factory's own argument parser (`get_train_args`, unknown keys are errors) on each dict,
+    in one child process. Loads no weights. On a CPU machine it poses as rank 0 of 1 so DeepSpeed
+    recipes parse, and sets `use_cpu` so bf16 recipes parse."""
     import socket
 
     import torch
@@ -219,17 +256,28 @@ def parse_check(args: dict) -> list[str]:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     if not torch.cuda.is_available():
-        # CPU validation: pretend to be rank 0 of 1 so DeepSpeed recipes parse, and allow bf16 via use_cpu.
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
-    p = subprocess.run([sys.executable, "-c", code], input=dump_yaml(args), text=True, capture_output=True, env=env)
-    if p.returncode == 0 and "PARSED" in p.stdout:
-        return []
-    lines = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
-    return [f"LLaMA-Factory rejected the arguments: {lines[-1] if lines else 'exit ' + str(p.returncode)}"]
+    stdin = "".join(json.dumps(a) + "\n" for a in arg_dicts)
+    p = subprocess.run([sys.executable, "-c", PARSE_CHILD], input=stdin, text=True, capture_output=True, env=env)
+    results = [ln for ln in p.stdout.splitlines() if ln.startswith(("PARSED ", "FAILED "))]
+    out = []
+    for i in range(len(arg_dicts)):
+        if i >= len(results):
+            tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            out.append([f"LLaMA-Factory's parser crashed: {tail}"])
+        elif results[i].startswith("FAILED "):
+            out.append([f"LLaMA-Factory rejected the arguments: {json.loads(results[i][7:])}"])
+        else:
+            out.append([])
+    return out
+
+
+def parse_check(args: dict) -> list[str]:
+    return parse_check_many([args])[0]
 
 
 def _trained_args(ns: argparse.Namespace) -> tuple[dict, Path]:
