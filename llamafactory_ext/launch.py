@@ -84,13 +84,22 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def last_checkpoint(output_dir: Path) -> Path | None:
-    best = None
+def checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoint-N` folders, oldest first."""
+    found = []
     for p in output_dir.glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    return best[1] if best else None
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest COMPLETE checkpoint. The Trainer writes trainer_state.json last, so a process killed
+    while saving leaves a newer folder without it; LLaMA-Factory's auto-resume would pick that one
+    and crash, we skip it."""
+    complete = [p for p in checkpoints(output_dir) if (p / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
 
 
 def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
@@ -111,9 +120,20 @@ def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
 
     out = Path(args["output_dir"])
     resume = ns.resume or "auto"
-    if resume == "auto":  # LLaMA-Factory resumes from output_dir's last checkpoint-N when this is false
+    if resume == "auto":  # continue from the newest complete checkpoint-N in output_dir, if any
         args["overwrite_output_dir"] = False
         args.pop("resume_from_checkpoint", None)
+        ckpt = last_checkpoint(out) if out.is_dir() else None
+        if ckpt is None and (out / "adapter_model.safetensors").exists():
+            raise UserError(f"{out} holds a finished run and no checkpoint to resume from; "
+                            "RESUME=never starts over (the old run is moved aside, not deleted)")
+        if ckpt is not None:
+            args["resume_from_checkpoint"] = str(ckpt)
+            step = int(ckpt.name.split("-")[1])
+            broken = [p.name for p in checkpoints(out) if int(p.name.split("-")[1]) > step]
+            if broken:
+                print(f"warning: skipping incomplete checkpoint(s) {', '.join(broken)} (no trainer_state.json: "
+                      f"the run was killed while saving); resuming from {ckpt.name}", file=sys.stderr)
     elif resume in ("never", "fresh", "no"):
         args["overwrite_output_dir"] = False
     else:

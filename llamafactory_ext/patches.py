@@ -30,12 +30,11 @@ site-packages with this package) runs `install_import_hook()` at every interpret
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import math
 import sys
-
-import functools
 
 ROPE_MODULE = "llamafactory.model.model_utils.rope"
 PATCHER_MODULE = "llamafactory.model.patcher"

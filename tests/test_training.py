@@ -1,0 +1,157 @@
+"""Real tiny trainings through `llamafactory-ext run sft` -> `llamafactory-cli train`: DeepSpeed ZeRO-2
+with 4-bit NF4 QLoRA under torchrun, SIGKILL + resume, a different batch size on resume, and 2 processes.
+
+Each test works in its own folder laid out like the project (recipes, deepspeed/, dataset_info.json,
+data/build/sample/) so nothing touches the user's runs/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli_env
+
+from llamafactory_ext import REVIEWER_INSTRUCTION
+
+pytestmark = pytest.mark.slow
+
+
+def workspace(tmp: Path, n_train: int = 8, paper_chars: int = 1200) -> Path:
+    for d in ("sft_recipes", "deepspeed", "build"):
+        (tmp / d).symlink_to(ROOT / d)
+    shutil.copy(ROOT / "dataset_info.json", tmp / "dataset_info.json")
+    rows = [json.loads(line) for line in (ROOT / "data/sample/paper_review.jsonl").open()][:n_train]
+    out = tmp / "data/build/sample/train.jsonl"
+    out.parent.mkdir(parents=True)
+    with out.open("w") as f:
+        for r in rows:
+            f.write(json.dumps({"instruction": REVIEWER_INSTRUCTION, "input": r["input"][:paper_chars],
+                                "output": r["output"][:500], "paper_id": r["paper_id"]}) + "\n")
+    return tmp
+
+
+def sft(ws: Path, *args: str, env: dict | None = None, wait: bool = True, tag: str = "sft"):
+    cmd = [sys.executable, "-m", "llamafactory_ext.cli", "run", "sft", "--model", "tiny", "--data", "sample",
+           "report_to=none", *args]
+    log = open(ws / f"{tag}.log", "w")  # noqa: SIM115 - closed by the caller via the process
+    p = subprocess.Popen(cmd, cwd=ws, env=cli_env(**(env or {})), stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    if wait:
+        rc = p.wait(timeout=900)
+        log.close()
+        return rc, (ws / f"{tag}.log").read_text()
+    return p
+
+
+def state(ws: Path, sub: str = "") -> dict:
+    return json.loads((ws / "runs/tiny_sample/adapter" / sub / "trainer_state.json").read_text())
+
+
+def losses(st: dict) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in st["log_history"] if "loss" in h}
+
+
+def lrs(st: dict) -> dict[int, float]:
+    return {h["step"]: h["learning_rate"] for h in st["log_history"] if "learning_rate" in h}
+
+
+def test_deepspeed_zero2_with_4bit_qlora_under_torchrun(tiny_models, tmp_path):
+    ws = workspace(tmp_path)
+    rc, log = sft(ws, "deepspeed=deepspeed/ds_z2_config.json", "max_steps=4", "save_steps=2", "logging_steps=1",
+                  env={"NPROC_PER_NODE": "1"})
+    assert rc == 0, log[-4000:]
+    assert "Initializing 1 distributed tasks" in log  # LLaMA-Factory's torchrun path
+    assert "Quantizing model to 4 bit with bitsandbytes" in log
+    st = state(ws)  # written at the very end: the seed's "Tensor is not JSON serializable" would fail here
+    assert st["global_step"] == 4 and all(math.isfinite(x) for x in losses(st).values())
+    assert all(isinstance(h.get("grad_norm", 0.0), float) for h in st["log_history"])
+    # a DeepSpeed engine wrote the checkpoint: ZeRO-2 optimizer partitions, not a plain optimizer.pt
+    ck = ws / "runs/tiny_sample/adapter/checkpoint-4/global_step4"
+    assert ck.is_dir() and list(ck.glob("*zero_pp_rank_0*optim_states.pt")), sorted(os.listdir(ck.parent))
+    assert (ws / "runs/tiny_sample/adapter/adapter_model.safetensors").is_file()
+
+
+RESUME_ARGS = ["num_train_epochs=3", "save_steps=4", "logging_steps=1", "lr_scheduler_type=linear",
+               "per_device_train_batch_size=2", "gradient_accumulation_steps=1", "save_total_limit=10"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, tmp_path_factory) -> dict:
+    ws = workspace(tmp_path_factory.mktemp("full"))
+    rc, log = sft(ws, *RESUME_ARGS)
+    assert rc == 0, log[-4000:]
+    return state(ws)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+    ws = workspace(tmp_path)
+    proc = sft(ws, *RESUME_ARGS, wait=False, tag="killed")
+    marker = ws / "runs/tiny_sample/adapter/checkpoint-4/trainer_state.json"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), (ws / "killed.log").read_text()[-3000:]
+    assert not (ws / "runs/tiny_sample/adapter/train_results.json").exists(), "killed too late to test resume"
+    # also leave a half-written newer checkpoint, as a kill during a save does
+    (ws / "runs/tiny_sample/adapter/checkpoint-999").mkdir()
+
+    rc, log = sft(ws, *RESUME_ARGS, "--resume", "auto", tag="resumed")
+    assert rc == 0, log[-4000:]
+    assert "skipping incomplete checkpoint(s) checkpoint-999" in log
+    assert "Continuing training from checkpoint" in log or "Resuming training from" in log
+    st = state(ws)
+    assert st["global_step"] == uninterrupted["global_step"] == 12
+    # optimizer (Adam moments) and scheduler (linear decay position) restored: the steps after the
+    # resume point reproduce the uninterrupted run's losses and learning rates
+    first_resumed = min(s for s in losses(st) if s > 4)
+    for step in range(first_resumed, 13):
+        assert lrs(st)[step] == pytest.approx(lrs(uninterrupted)[step], rel=1e-6)
+        assert losses(st)[step] == pytest.approx(losses(uninterrupted)[step], rel=1e-3, abs=1e-3)
+
+
+def test_resume_with_a_smaller_per_device_batch(uninterrupted, tmp_path):
+    """The seed's OOM case: batch 2 -> 1 after a checkpoint. Global step, optimizer and scheduler state
+    carry over; the step count and the data position are recomputed in the new batch size."""
+    ws = workspace(tmp_path)
+    rc, log = sft(ws, *RESUME_ARGS, "max_steps=4", tag="first")
+    assert rc == 0, log[-3000:]
+    args = [a for a in RESUME_ARGS if not a.startswith("per_device_train_batch_size")]
+    rc, log = sft(ws, *args, "per_device_train_batch_size=1", "--resume",
+                  str(ws / "runs/tiny_sample/adapter/checkpoint-4"), tag="smaller")
+    assert rc == 0, log[-4000:]
+    st = state(ws)
+    assert "Instantaneous batch size per device = 1" in log
+    assert "per_device_train_batch_size: 1 (from args) != 2 (from trainer_state.json)" in log  # HF's warning
+    assert "Resuming training from checkpoint with epoch 0 and global step 4" in log
+    assert "Fast-forwarding the dataloader past 0 epochs and 4 batches" in log  # 4 batches of the NEW size
+    # 8 papers / batch 1 = 8 steps per epoch x 3 epochs = 24 steps in all, 4 of them done before
+    assert st["global_step"] == st["max_steps"] == 24
+    assert min(losses(st)) > 0 and all(math.isfinite(x) for x in losses(st).values())
+
+
+def test_two_processes_with_the_rope_fix_in_both_ranks(tiny_models, tmp_path):
+    """NPROC=2 on CPU (gloo). rope_scaling with cutoff_len > the model's max_position_embeddings only
+    loads with our fix, so each rank finishing proves the patch was active in both."""
+    ws = workspace(tmp_path, n_train=8)
+    short = tiny_models["mistral"].parent / "mistral_short_ctx"
+    from llamafactory_ext import tiny
+
+    tiny.build("mistral", short, max_position_embeddings=256, rope_theta=1e6)
+    rc, log = sft(ws, "--nproc", "2", "--rope", "linear", f"model_name_or_path={short}", "max_steps=2",
+                  "cutoff_len=600", "logging_steps=1", "save_steps=100")
+    assert rc == 0, log[-4000:]
+    assert "Initializing 2 distributed tasks" in log
+    assert "world size: 2" in log
+    st = state(ws)
+    assert st["global_step"] == 2
