@@ -1,0 +1,202 @@
+"""review: a real PDF built here, references dropped, the token budget, the tiny models, clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from llamafactory_ext import REVIEWER_INSTRUCTION, UserError, cli
+from llamafactory_ext.papertext import drop_references, read_paper
+from llamafactory_ext.review import detect_template, load_chat_model, review_paper
+from llamafactory_ext.sections import HEADERS
+
+
+def _make_pdf(text: str, path: Path) -> Path:
+    """A text PDF, 60 wrapped lines per page (Helvetica: non-Latin-1 characters become '?')."""
+    import pymupdf
+
+    text = text.encode("latin-1", "replace").decode("latin-1")
+    lines = [w for para in text.split("\n") for w in (textwrap.wrap(para, 95) or [""])]
+    doc = pymupdf.open()
+    for start in range(0, len(lines), 60):
+        page = doc.new_page()
+        for i, line in enumerate(lines[start:start + 60]):
+            page.insert_text((40, 50 + 12 * i), line, fontsize=9)
+    doc.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def paper(sample_jsonl, tmp_path_factory):
+    """A real sample paper shortened to body + REFERENCES + appendix, as a PDF."""
+    rows = [json.loads(x) for x in sample_jsonl.read_text(encoding="utf-8").split("\n") if x.strip()]
+    t = next(r["input"] for r in rows if "\nREFERENCES\n" in r["input"] and "\nA APPENDIX\n" in r["input"])
+    ref, app = t.index("\nREFERENCES\n"), t.index("\nA APPENDIX\n")
+    refs = t[ref + 1:ref + 1500].rsplit("\n", 1)[0]
+    appendix = t[app + 1:app + 800].rsplit("\n", 1)[0]
+    text = t[:2500].rsplit("\n", 1)[0] + "\n\n" + refs + "\n\n" + appendix + "\n"
+    d = tmp_path_factory.mktemp("paper")
+    ref_line = next(ln for ln in refs.split("\n")[2:] if len(ln) > 40 and ln.isascii())
+    app_line = next(ln for ln in appendix.split("\n")[1:] if len(ln) > 30 and ln.isascii())
+    return {"pdf": _make_pdf(text, d / "paper.pdf"), "text": text, "ref_line": ref_line[:40],
+            "app_line": app_line[:30], "first_line": t.split("\n")[0]}
+
+
+@pytest.fixture(scope="module")
+def mistral(tiny_models):
+    return load_chat_model(tiny_models["mistral"], "mistral", temperature=0.35, top_p=0.7, max_new_tokens=12)
+
+
+def test_pdf_text_and_references_dropped(paper):
+    text = read_paper(paper["pdf"])
+    assert paper["first_line"][:20] in text
+    assert paper["ref_line"] in text and "REFERENCES" in text  # the PDF really holds them
+    kept, info = drop_references(text)
+    assert paper["ref_line"] not in kept and "REFERENCES" not in kept
+    assert info["dropped_chars"] > 1000 and info["kept_appendix"] is True
+    assert paper["app_line"] in kept and "A APPENDIX" in kept
+    assert paper["first_line"][:20] in kept
+
+
+@pytest.mark.parametrize("text, dropped, appendix", [
+    ("intro\n" * 50 + "7 References\n[1] A. Author. Title.\n", True, False),
+    ("intro\n" * 50 + "## Bibliography\nA. Author.\n# Appendix A: Proofs\nproof\n", True, True),
+    ("intro\n" * 50 + "REFERENCES\nA. Author.\nAppendix B includes two parts: x\nmore refs\n", True, False),
+    ("References\n" + "intro\n" * 50, False, False),  # a heading in the first 20% is not the references
+    ("intro\n" * 50 + "as shown in the references below\n", False, False),
+])
+def test_drop_references_rule(text, dropped, appendix):
+    kept, info = drop_references(text)
+    assert (info["dropped_chars"] > 0) is dropped and info["kept_appendix"] is appendix
+    if dropped:
+        assert "Author" not in kept and kept.startswith("intro\n")
+    if appendix:
+        assert kept.endswith("# Appendix A: Proofs\nproof\n")
+
+
+def test_review_pdf_with_tiny_mistral(paper, mistral, tiny_models):
+    r = review_paper(paper["pdf"], tiny_models["mistral"], chat_model=mistral, max_new_tokens=12, seed=0)
+    assert r["template"] == "mistral"
+    assert r["query"].startswith(REVIEWER_INSTRUCTION + "\n" + paper["first_line"][:20])  # the training format
+    assert paper["ref_line"] not in r["query"] and paper["app_line"] in r["query"]
+    assert r["references_dropped_chars"] > 1000
+    assert r["paper_tokens"] == r["paper_tokens_total"] > 0  # under the default budget: nothing cut
+    assert isinstance(r["raw"], str) and r["raw"]
+    for h in HEADERS.values():
+        assert f"## {h}" in r["markdown"]
+    assert r["markdown"].startswith("# Review of paper.pdf")
+
+
+def test_paper_is_cut_to_the_token_budget(paper, mistral, tiny_models):
+    r = review_paper(paper["pdf"], tiny_models["mistral"], chat_model=mistral, max_paper_tokens=50,
+                     max_new_tokens=4)
+    tok = mistral.engine.tokenizer
+    cut = r["query"][len(REVIEWER_INSTRUCTION) + 1:]
+    assert r["paper_tokens_total"] > 50 and r["paper_tokens"] <= 50
+    assert len(tok.encode(cut, add_special_tokens=False)) == r["paper_tokens"]
+    assert drop_references(read_paper(paper["pdf"]))[0].startswith(cut)
+
+
+def test_cli_gemma_auto_template_and_out(tmp_path, tiny_models, sample_jsonl, capsys):
+    row = json.loads(sample_jsonl.read_text(encoding="utf-8").split("\n")[0])
+    md = tmp_path / "paper.md"
+    md.write_text(row["input"][:3000], encoding="utf-8")
+    out = tmp_path / "review.md"
+    assert detect_template(tiny_models["gemma"]) == "gemma"
+    rc = cli.main(["review", str(md), "--model", str(tiny_models["gemma"]), "--max-new-tokens", "8",
+                   "--max-paper-tokens", "200", "--seed", "1", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert printed.out == out.read_text() and printed.out.startswith("# Review of paper.md")
+    assert re.search(r"paper: 200 of \d+ tokens used \(cut\).*template: gemma", printed.err)
+
+
+# ----------------------------------------------------------------------------- errors
+def _blank_pdf(path: Path) -> Path:
+    import pymupdf
+
+    doc = pymupdf.open()
+    doc.new_page()
+    doc.save(path)
+    return path
+
+
+def _image_only_pdf(path: Path) -> Path:
+    """What a scanner produces: pages that are pictures (of text), no text layer."""
+    import pymupdf
+
+    doc = pymupdf.open()
+    for _ in range(2):
+        page = doc.new_page()
+        pix = pymupdf.Pixmap(pymupdf.csRGB, pymupdf.IRect(0, 0, 120, 160), False)
+        pix.clear_with(230)
+        page.insert_image(page.rect, pixmap=pix)
+    doc.save(path)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("corrupt", "not a readable PDF (corrupt or not a PDF at all)"),
+    ("zero", "the PDF file is empty (0 bytes)"),
+    ("blank", "the PDF has 1 page(s) but no text at all"),
+    ("scanned", "no text layer"),
+    ("docx", "unsupported file type '.docx'; give a .pdf, .txt or .md file"),
+    ("emptytxt", "the file is empty"),
+    ("latin1", "not UTF-8 text"),
+    ("nofile", "no such file"),
+    ("nomodel", "no such folder"),
+    ("adapter", "is a LoRA adapter, not a full model"),
+    ("noconfig", "no config.json"),
+    ("llama", "cannot pick a chat template for model_type 'llama'"),
+])
+def test_errors(tmp_path, tiny_models, capsys, case, message):
+    model = str(tiny_models["mistral"])
+    paper = tmp_path / "p.txt"
+    paper.write_text("some paper text\n")
+    if case == "corrupt":
+        paper = tmp_path / "p.pdf"
+        paper.write_bytes(b"%PDF-1.7\n" + bytes(range(256)) * 8)
+    elif case == "zero":
+        paper = tmp_path / "p.pdf"
+        paper.write_bytes(b"")
+    elif case == "blank":
+        paper = _blank_pdf(tmp_path / "p.pdf")
+    elif case == "scanned":
+        paper = _image_only_pdf(tmp_path / "p.pdf")
+    elif case == "docx":
+        paper = tmp_path / "p.docx"
+        paper.write_bytes(b"PK\x03\x04")
+    elif case == "emptytxt":
+        paper.write_text("  \n")
+    elif case == "latin1":
+        paper.write_bytes("r\xe9sum\xe9 paper".encode("latin-1"))
+    elif case == "nofile":
+        paper = tmp_path / "missing.pdf"
+    elif case == "nomodel":
+        model = str(tmp_path / "no-model")
+    elif case == "adapter":
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+        model = str(tmp_path / "adapter")
+    elif case == "noconfig":
+        (tmp_path / "empty").mkdir()
+        model = str(tmp_path / "empty")
+    elif case == "llama":
+        (tmp_path / "llama").mkdir()
+        (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+        model = str(tmp_path / "llama")
+    rc = cli.main(["review", str(paper), "--model", model])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if case == "scanned":
+        assert "run OCR first, e.g. `ocrmypdf" in err
+
+
+def test_scanned_message_names_the_file(tmp_path):
+    with pytest.raises(UserError, match=r"scan\.pdf: no text layer \(0 characters on 2 page\(s\)"):
+        read_paper(_image_only_pdf(tmp_path / "scan.pdf"))
