@@ -36,6 +36,7 @@ ROPE_TYPES = ("linear", "dynamic")
 TEMPLATES = {"mistral": "mistral", "gemma": "gemma", "tiny": "mistral", "tiny_gemma": "gemma"}
 # test split registered for each MODEL x DATA (predict); inference-truncated papers
 TEST_DATASETS = {"sample": "sample_test"}
+PREDICT_CUTOFF = 1_000_000
 PREDICT_DEFAULTS = {  # max_new_tokens: a full review on real models, a few words on the tiny ones
     "tiny": {"max_new_tokens": 48}, "tiny_gemma": {"max_new_tokens": 48},
 }
@@ -387,7 +388,10 @@ def cmd_predict(ns: argparse.Namespace) -> int:
             "template": trained["template"],
             "eval_dataset": dataset,
             "dataset_dir": trained.get("dataset_dir", "."),
-            "cutoff_len": trained.get("cutoff_len", 2048),
+            # LLaMA-Factory counts the reference review in the predict budget and, when over, cuts the END
+            # of the prompt (the `[/INST]` / `<start_of_turn>model` marker). Papers are already cut by
+            # `truncate --inference`, so the budget here only has to never bite.
+            "cutoff_len": PREDICT_CUTOFF,
             "do_sample": t > 0,
             "temperature": t if t > 0 else 1.0,
             "top_p": ns.top_p,
