@@ -91,7 +91,7 @@ doctor: $(STAMP)
 	$(EXT) doctor
 
 plan: $(STAMP)
-	$(EXT) plan sft_recipes/$(MODEL)_$(DATA).yaml $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))
+	$(EXT) plan sft_recipes/$(MODEL)_$(DATA).yaml $(if $(GPU),--gpu $(GPU)) $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))
 
 # ---- tests ----
 test: $(STAMP)

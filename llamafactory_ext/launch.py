@@ -46,9 +46,10 @@ def recipes() -> dict[tuple[str, str], Path]:
     """(model, data) -> recipe, from the files `sft_recipes/<model>_<data>.yaml`."""
     out = {}
     for p in sorted(RECIPES.glob("*.yaml")):
-        model, _, data = p.stem.rpartition("_")
-        if model in TEMPLATES:
-            out[(model, data)] = p
+        # the longest MODEL name that prefixes the file name (tiny_gemma before tiny); the rest is DATA
+        model = next((m for m in sorted(TEMPLATES, key=len, reverse=True) if p.stem.startswith(m + "_")), None)
+        if model:
+            out[(model, p.stem[len(model) + 1:])] = p
     return out
 
 
@@ -245,6 +246,11 @@ for line in sys.stdin:
     a = json.loads(line)
     if a.get("bf16") or a.get("fp16"):
         a.setdefault("use_cpu", True)  # only for validation on a machine without a GPU
+    if a.get("enable_liger_kernel"):
+        try:
+            import liger_kernel  # noqa: F401  (GPU extra)
+        except ImportError:
+            a["enable_liger_kernel"] = False  # LLaMA-Factory requires the package; validate the rest
     try:
         parsed = get_train_args(a)
         # HfArgumentParser.parse_dict does not enforce Literal choices (quantization_type: nf5 passes)

@@ -85,9 +85,9 @@ def test_recipe_layout_and_references(recipe):
         assert set(info[name]["columns"]) == {"prompt", "query", "response"}
     if args.get("deepspeed"):
         assert (ROOT / args["deepspeed"]).is_file()
-    model, data = recipe.stem.rsplit("_", 1)
+    (model, data), = [k for k, v in launch.recipes().items() if v.name == recipe.name]
     assert args["template"] == launch.TEMPLATES[model]
-    assert args["output_dir"] == f"runs/{model}_{data}/adapter"
+    assert args["output_dir"] == f"runs/{model}_{data}/adapter" == f"runs/{recipe.stem}/adapter"
     assert args["overwrite_output_dir"] is False, "false keeps auto-resume working"
 
 
@@ -152,7 +152,7 @@ def test_dry_run_prints_final_arguments_without_loading_weights():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--model", "mistrall", "--data", "15k"], "valid values: gemma, mistral, tiny, tiny_gemma"),
-    (["--model", "mistral", "--data", "15K"], "valid values: 15k, 5k, sample"),
+    (["--model", "mistral", "--data", "15K"], "valid values: 15k, 15k_12k_liger, 5k, sample"),
     (["--model", "mistral", "--data", "15k", "--rope", "ntk"], "valid values: linear, dynamic"),
 ])
 def test_typos_list_the_valid_values(argv, message):
