@@ -1,0 +1,393 @@
+"""Convert paper-review JSONL (`{"input": paper, "output": review, ...}`) into alpaca JSONL
+(`{"instruction", "input", "output", ...}`) for LLaMA-Factory, validating every line.
+
+Every non-blank input line ends up either in OUT or in the rejects file (default `OUT.rejects.jsonl`:
+one `{"line", "kind", "reason", "raw"}` per rejected line), so nothing is lost silently. Extra fields
+(`paper_id`, ...) are kept. The instruction is the project's reviewer instruction unless
+`--instruction-file` gives another. `--jq` maps another schema to `{input, output}` with a jq program
+(one line may give several records, e.g. one per review). Blank lines are skipped, a UTF-8 BOM is
+stripped, CRLF line ends are accepted. OUT and the rejects file are written atomically: an interrupted
+run leaves the previous OUT (or none), never half of one.
+
+    llamafactory-ext convert data/raw/paper_review.jsonl data/build/reviews.jsonl
+    llamafactory-ext convert raw.jsonl out.jsonl --dedup --strict
+    llamafactory-ext convert openreview.jsonl out.jsonl \\
+        --jq '{paper_id: .id, input: .paper.text, output: .reviews[0].text}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import stat
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from llamafactory_ext import REVIEWER_INSTRUCTION, UserError
+from llamafactory_ext.fileio import atomic_write
+
+BOM = b"\xef\xbb\xbf"
+READ_BUFFER = 1 << 20  # 1 MiB reads: lines are ~50 KB papers
+PROGRESS_STEP = 1 << 22  # update the byte progress bar every 4 MiB, not every line
+_MISSING = object()
+
+
+@dataclass
+class ConvertStats:
+    """What one conversion did. `read = accepted + rejected` (lines; blank lines are not counted)."""
+
+    read: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    written: int = 0  # records in OUT (differs from `accepted` only when --jq yields several per line)
+    duplicates: int = 0  # records identical to an earlier one (dropped only with dedup)
+    blank: int = 0
+    kinds: Counter = field(default_factory=Counter)  # reject kind -> count
+    out: Path | None = None  # None when nothing was written
+    rejects: Path | None = None  # None when there was nothing to reject
+
+    def summary(self, dedup: bool) -> str:
+        dup = f", duplicates {self.duplicates}"
+        if self.duplicates:
+            dup += " (dropped)" if dedup else " (kept; --dedup drops them)"
+        extra = f", records written {self.written}" if self.written != self.accepted else ""
+        return f"read {self.read}, accepted {self.accepted}, rejected {self.rejected}{dup}{extra}"
+
+
+class _Reject(Exception):
+    """One bad line: `kind` is a short category for the summary, `reason` the full explanation."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+class _Discard(Exception):
+    """Abort an atomic_write block without committing and without an error."""
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _field(record: dict, key: str) -> str:
+    """The non-empty string `record[key]`, or a _Reject saying what is wrong with it."""
+    value = record.get(key, _MISSING)
+    if value is _MISSING:
+        raise _Reject(f"missing {key}", f"missing field {key!r} (fields present: {', '.join(map(repr, record)) or 'none'})")
+    if type(value) is not str:
+        raise _Reject(f"non-string {key}", f"field {key!r} is {_json_type(value)}, not a string")
+    if not value:
+        raise _Reject(f"empty {key}", f"field {key!r} is empty")
+    if value.isspace():
+        raise _Reject(f"empty {key}", f"field {key!r} is whitespace only")
+    return value
+
+
+def _parse_error(line: bytes, err: Exception):
+    """Parse a line orjson refused: retry without a BOM, else classify the failure as a _Reject.
+
+    Returns the parsed value and the line it came from, or None for a blank line."""
+    if line.startswith(BOM):
+        line = line[len(BOM):]
+        try:
+            return orjson.loads(line), line
+        except orjson.JSONDecodeError as e:
+            err = e
+    if line.isspace() or not line:
+        return None
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Reject("invalid UTF-8", f"invalid UTF-8 at byte {e.start + 1} of the line (0x{line[e.start]:02x})") from None
+    raise _Reject("invalid JSON", f"invalid JSON: {err}") from None
+
+
+def _raw_text(line: bytes) -> str:
+    """The raw line as text for the rejects file: newline dropped, invalid bytes shown as \\xNN."""
+    return line.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
+
+
+def _record(source: dict, instruction: str) -> dict:
+    """Alpaca record from an `{input, output, ...}` object: the instruction first, then the source's fields
+    in their order (a source `instruction` is replaced)."""
+    _field(source, "input")
+    _field(source, "output")
+    record = {"instruction": instruction}
+    record.update(source)
+    record["instruction"] = instruction
+    return record
+
+
+# `\u` not followed by 00[01]: an escape of a non-control character (control characters stay escaped in any
+# JSON writer). A regex, not bytes.find: its scan keys on the rare backslash, not the common letter u.
+_UNICODE_ESCAPE = re.compile(rb"\\u(?!00[01])")
+
+
+def _needs_reencoding(line: bytes) -> bool:
+    """Whether a valid JSON line holds a \\uXXXX escape that orjson would write as a UTF-8 character."""
+    m = _UNICODE_ESCAPE.search(line)
+    while m is not None:
+        i = j = m.start()
+        while j > 0 and line[j - 1] == 0x5C:  # backslashes right before it
+            j -= 1
+        if (i - j) % 2 == 0:  # an even number: this backslash starts an escape (else it is `\\` then `u`)
+            return True
+        m = _UNICODE_ESCAPE.search(line, i + 2)
+    return False
+
+
+def compile_jq(program: str):
+    """Compile a jq program once (jq.py bindings); a syntax error is a UserError."""
+    import jq
+
+    try:
+        return jq.compile(program)
+    except ValueError as e:
+        raise UserError(f"--jq program does not compile: {e}") from None
+
+
+def _jq_records(prog, line: bytes, instruction: str) -> list[dict]:
+    """Run the jq program on one (already JSON-checked) line; each result must be an {input, output} object."""
+    try:
+        results = prog.input_text(line.decode("utf-8")).all()
+    except ValueError as e:
+        raise _Reject("jq error", f"jq error: {e}") from None
+    if not results:
+        raise _Reject("jq no output", "jq program produced no output for this line")
+    records = []
+    for i, value in enumerate(results):
+        where = f" (jq result {i + 1} of {len(results)})" if len(results) > 1 else ""
+        if type(value) is not dict:
+            raise _Reject("jq not an object", f"jq result is {_json_type(value)}, not an object{where}")
+        try:
+            records.append(_record(value, instruction))
+        except _Reject as e:
+            raise _Reject(e.kind, e.reason + " in the jq output" + where) from None
+    return records
+
+
+def default_rejects_path(out: str | os.PathLike) -> Path:
+    return Path(str(out) + ".rejects.jsonl")
+
+
+class _NoBar:
+    """Stands in for tqdm when stderr is not a terminal (tqdm would be disabled anyway; its import is 40 ms)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress(total: int | None, desc: str):
+    if not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm import tqdm
+
+    # delay: no bar at all for short runs
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, delay=1.0,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _encode(records) -> list[bytes]:
+    """Each record as one JSON line (UTF-8, no \\uXXXX escapes)."""
+    try:
+        return [orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records]
+    except TypeError as e:  # e.g. an integer beyond 64 bits
+        raise _Reject("unencodable", f"cannot write the record as JSON: {e}") from None
+
+
+def _same(out_f, offset: int, blob: bytes) -> bool:
+    """Whether OUT holds `blob` at `offset` (confirms a digest match; the temp file is open read-write)."""
+    out_f.flush()
+    try:
+        return os.pread(out_f.fileno(), len(blob), offset) == blob
+    except OSError:  # not readable: trust the 64-bit digest
+        return True
+
+
+def _size(path: Path) -> int | None:
+    """Bytes to read for the progress bar (None for a pipe)."""
+    st = path.stat()
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _convert_stream(src: Path, out_f, rej_f, stats: ConvertStats, *, instruction: str, prog, strict: bool,
+                    dedup: bool) -> None:
+    """The hot loop: one pass over the file in binary; orjson parses every line."""
+    loads, dumps = orjson.loads, orjson.dumps
+    decode_error = orjson.JSONDecodeError
+    newline = orjson.OPT_APPEND_NEWLINE
+    # Exact duplicates: a set of 64-bit record digests (SipHash, 3x faster than SHA-1 on 50 KB papers), each
+    # with the first line and the record's offset in OUT; a digest match is confirmed against those bytes.
+    seen: dict[int, tuple[int, int]] = {}
+    prefix = b'{"instruction":' + dumps(instruction) + b","
+    join = b"".join
+    lineno = pending = out_pos = 0
+    with open(src, "rb", buffering=READ_BUFFER) as f, _progress(_size(src), "convert") as bar:
+        for line in f:
+            lineno += 1
+            pending += len(line)
+            if pending >= PROGRESS_STEP:
+                bar.update(pending)
+                pending = 0
+            if line.isspace():  # O(1) for a real line: stops at the first non-space byte
+                stats.blank += 1
+                continue
+            stats.read += 1
+            try:
+                try:
+                    value = loads(line)
+                except decode_error as e:
+                    parsed = _parse_error(line, e)
+                    if parsed is None:  # a BOM followed by nothing
+                        stats.read -= 1
+                        stats.blank += 1
+                        continue
+                    value, line = parsed
+                if prog is not None:
+                    blobs = _encode(_jq_records(prog, line, instruction))
+                elif type(value) is not dict:
+                    raise _Reject("not an object", f"JSON value is {_json_type(value)}, not an object")
+                elif "instruction" not in value and not _needs_reencoding(line):
+                    # Fast path: the line is a valid object (just parsed); once its fields are checked, its
+                    # bytes ARE the record's JSON: splice the instruction in front, no 50 KB re-encoding.
+                    _field(value, "input")
+                    _field(value, "output")
+                    if line[0] == 0x7B and line.endswith(b"}\n"):  # "{...}\n": the common case, one copy
+                        blobs = (join((prefix, memoryview(line)[1:])),)
+                    else:  # leading blanks, CRLF, no final newline
+                        blobs = (join((prefix, memoryview(line.strip())[1:], b"\n")),)
+                else:
+                    blobs = _encode((_record(value, instruction),))
+            except _Reject as e:
+                if strict:
+                    raise UserError(f"{src}:{lineno}: {e.reason} (--strict stops at the first bad line)") from None
+                stats.rejected += 1
+                stats.kinds[e.kind] += 1
+                rej_f.write(dumps({"line": lineno, "kind": e.kind, "reason": e.reason, "raw": _raw_text(line)},
+                                  option=newline))
+                continue
+            written = 0
+            for blob in blobs:
+                key = hash(blob)
+                first = seen.get(key)
+                if first is None or not _same(out_f, first[1], blob):
+                    if first is None:  # (a true 64-bit hash collision with a different record is just written)
+                        seen[key] = (lineno, out_pos)
+                else:
+                    stats.duplicates += 1
+                    if dedup:
+                        stats.kinds["duplicate"] += 1
+                        rej_f.write(dumps({"line": lineno, "kind": "duplicate",
+                                           "reason": f"duplicate of the record from line {first[0]} (--dedup)",
+                                           "raw": blob[:-1].decode("utf-8")}, option=newline))
+                        continue
+                out_f.write(blob)
+                out_pos += len(blob)
+                written += 1
+            if written:
+                stats.accepted += 1
+            else:  # every record of the line was a dropped duplicate
+                stats.rejected += 1
+            stats.written += written
+        bar.update(pending)
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    rejects: str | os.PathLike | None = None,
+    instruction: str = REVIEWER_INSTRUCTION,
+    jq_program: str | None = None,
+    strict: bool = False,
+    dedup: bool = False,
+) -> ConvertStats:
+    """Convert `src` to alpaca JSONL `out` (see the module docstring). Raises UserError when the input is
+    missing, `--strict` meets a bad line, or nothing at all is accepted (then OUT is not written)."""
+    src, out = Path(src), Path(out)
+    rejects = Path(rejects) if rejects is not None else default_rejects_path(out)
+    if not src.exists() or src.is_dir():  # a pipe (/dev/stdin, a FIFO) is fine: the input is read once, in order
+        raise UserError(f"input file {src} does not exist" if not src.exists() else f"input {src} is a folder")
+    for name, path in (("OUT", out), ("--rejects", rejects)):
+        if path.exists() and path.resolve() == src.resolve():
+            raise UserError(f"{name} {path} is the input file; choose another output path")
+    if out.resolve() == rejects.resolve():
+        raise UserError(f"--rejects {rejects} is the same file as OUT; choose another path")
+    if not instruction.strip():
+        raise UserError("the instruction is empty; give a non-empty --instruction-file")
+    prog = compile_jq(jq_program) if jq_program is not None else None
+
+    stats = ConvertStats()
+    try:
+        with atomic_write(rejects) as rej_f:
+            try:
+                with atomic_write(out) as out_f:
+                    _convert_stream(src, out_f, rej_f, stats, instruction=instruction, prog=prog, strict=strict,
+                                    dedup=dedup)
+                    if stats.written == 0:
+                        raise _Discard
+                stats.out = out
+            except _Discard:
+                pass
+            if not stats.kinds:  # nothing rejected: no rejects file (and no stale one from an earlier run)
+                raise _Discard
+        stats.rejects = rejects
+    except _Discard:
+        with contextlib.suppress(FileNotFoundError):
+            rejects.unlink()
+    if stats.out is None:
+        if stats.read == 0:
+            raise UserError(f"{src} has no records (it is empty or holds only blank lines); {out} not written")
+        raise UserError(f"nothing accepted from {src}: all {stats.read} lines were rejected "
+                        f"({_kinds_text(stats.kinds)}); see {rejects}. {out} was not written")
+    return stats
+
+
+def _kinds_text(kinds: Counter) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="IN", help="paper-review JSONL: one {\"input\": paper, \"output\": review} per line")
+    p.add_argument("output", metavar="OUT", help="alpaca JSONL to write (atomically)")
+    p.add_argument("--rejects", metavar="FILE", help="where rejected lines go (default: OUT.rejects.jsonl)")
+    p.add_argument("--instruction-file", metavar="F",
+                   help="read the instruction from F (default: the built-in reviewer instruction)")
+    p.add_argument("--jq", metavar="FILTER",
+                   help="jq program mapping each line to {input, output} (plus any fields to keep), "
+                        "e.g. '{input: .paper.text, output: .reviews[0].text}'")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line (FILE:LINE: reason), write nothing")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate records (default: keep and count them)")
+
+
+def run(args: argparse.Namespace) -> int:
+    instruction = REVIEWER_INSTRUCTION
+    if args.instruction_file:
+        path = Path(args.instruction_file)
+        try:
+            instruction = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --instruction-file {path}: {e}") from None
+    stats = convert(args.input, args.output, rejects=args.rejects, instruction=instruction, jq_program=args.jq,
+                    strict=args.strict, dedup=args.dedup)
+    print(stats.summary(args.dedup), file=sys.stderr)
+    if stats.kinds:
+        print(f"rejected: {_kinds_text(stats.kinds)} -> {stats.rejects}", file=sys.stderr)
+    print(f"wrote {stats.written} records to {stats.out}", file=sys.stderr)
+    return 0
