@@ -31,7 +31,7 @@ from pathlib import Path
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [Path("/work/shared/data/iclr2022/paper_review.jsonl"), ROOT / "data" / "sample" / "paper_review.jsonl"]
+SOURCES = [ROOT.parent / "shared" / "data" / "iclr2022" / "paper_review.jsonl", ROOT / "data" / "sample" / "paper_review.jsonl"]
 JQ_FILTER = "{instruction: $instr, input: .input, output: .output, paper_id: .paper_id}"
 BARE_LOOP = """
 import sys, orjson
