@@ -1,11 +1,15 @@
 # Paper-reviewer LLMs on LLaMA-Factory. `make demo` runs everything on CPU; `make test` runs the tests.
 # Every target installs what it needs first (`make install`, quick when already done).
 #
+#   make data    MODEL=mistral IN=/path/to/paper_review.jsonl      (convert, split, truncate, register)
 #   make sft     MODEL=mistral DATA=15k [ROPE=linear|dynamic] [RESUME=auto|never|path] [NPROC=8] [DRY_RUN=1]
 #   make merge   MODEL=mistral DATA=15k
-#   make predict MODEL=mistral DATA=15k [TEMP=0.35 | TEMPS="0.35 0.5"] [MAX_SAMPLES=N]
-#   make data    MODEL=mistral IN=/path/to/paper_review.jsonl      (convert, split, truncate, register)
+#   make predict MODEL=mistral DATA=15k [TEMP=0.35 | TEMPS="0.35 0.5"] [MAX_SAMPLES=N] [BACKEND=vllm]
+#   make judge   MODEL=mistral DATA=15k JUDGE_URL=https://api.openai.com/v1 JUDGE_MODEL=gpt-4o
+#   make review  MODEL=mistral DATA=15k PAPER=paper.pdf
 #   make webui   [PORT=6006] [HOST=127.0.0.1] [WEBUI_AUTH=user:password]
+#   make doctor | make plan MODEL=gemma DATA=15k GPU=a40 | make bench-data | make lint | make clean
+# Without MODEL/DATA: the tiny model on the 36-paper sample (MODEL=tiny DATA=sample).
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -21,9 +25,12 @@ DATA  ?= sample
 PORT  ?= 6006
 HOST  ?= 127.0.0.1
 
-# Offline by default: nothing is fetched from a model hub unless you unset this (real model IDs
-# in the recipes need either a local copy via MODEL_PATH=... or HF_HUB_OFFLINE=0).
+# The embedded default never touches a model hub: the tiny models are built locally. (The real
+# recipes name hub IDs; they download once unless you pass MODEL_PATH=/local/copy.)
+ifneq ($(filter tiny tiny_gemma,$(MODEL)),)
 export HF_HUB_OFFLINE ?= 1
+endif
+demo test tiny: export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM ?= false
 export GRADIO_ANALYTICS_ENABLED ?= False
@@ -32,10 +39,10 @@ export GRADIO_ANALYTICS_ENABLED ?= False
 export MODEL DATA MODEL_PATH ROPE RESUME CUTOFF NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT DRY_RUN
 export TEMP TEMPS TOP_P MAX_NEW_TOKENS MAX_SAMPLES BACKEND TEST_DATASET HOST PORT WEBUI_AUTH
 
-.PHONY: help install test demo tiny data sft merge predict webui doctor plan bench-data lint clean
+.PHONY: help install test demo tiny data sft merge predict judge review webui doctor plan bench-data lint clean
 
 help:
-	@sed -n '1,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
 
 # ---- install: one venv, the pinned set from pyproject.toml, re-run only when pyproject changes ----
 install: $(STAMP)
@@ -93,6 +100,19 @@ doctor: $(STAMP)
 plan: $(STAMP)
 	$(EXT) plan sft_recipes/$(MODEL)_$(DATA).yaml $(if $(GPU),--gpu $(GPU)) $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))
 
+# ---- evaluation ----
+# make judge JUDGE_URL=https://api.openai.com/v1 JUDGE_MODEL=gpt-4o  (key from OPENAI_API_KEY)
+judge: $(STAMP)
+	@test -n "$(JUDGE_URL)" -a -n "$(JUDGE_MODEL)" || { echo "error: make judge needs JUDGE_URL=... JUDGE_MODEL=..."; exit 2; }
+	$(EXT) judge --a runs/$(MODEL)_$(DATA)/predict/temp_$(or $(TEMP),0.35)/reviews.jsonl \
+	    --papers data/sample/paper_review.jsonl --base-url $(JUDGE_URL) --model $(JUDGE_MODEL) \
+	    --out runs/$(MODEL)_$(DATA)/judge_temp_$(or $(TEMP),0.35)
+
+# make review PAPER=paper.pdf  (with the merged model of MODEL x DATA)
+review: $(STAMP)
+	@test -n "$(PAPER)" || { echo "error: make review needs PAPER=path/to/paper.pdf"; exit 2; }
+	$(EXT) review "$(PAPER)" --model runs/$(MODEL)_$(DATA)/merged
+
 # ---- tests ----
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
@@ -101,6 +121,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench-data: $(STAMP)
+	@command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq; }  # the seed's tool, to compare
 	$(BIN)/python tests/bench_data.py
 
 clean:

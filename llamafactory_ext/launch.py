@@ -411,17 +411,22 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         }
         if ns.max_samples:
             args["max_samples"] = ns.max_samples
-        if ns.backend == "vllm":
-            args["infer_backend"] = "vllm"
         args.update(parse_overrides(ns.overrides))
         final = rdir / f"predict_args_temp_{t:g}.yaml"
         atomic_write_text(final, dump_yaml(args))
         if ns.dry_run:
             print(dump_yaml(args))
             continue
-        rc = _launch(["llamafactory-cli", "train", str(final)], _env(ns, {}))
-        if rc != 0:
-            return rc
+        if ns.backend == "vllm":
+            from llamafactory_ext import vllm_predict
+
+            vllm_predict.predict(str(merged), args["template"], dataset, out, temperature=t, top_p=ns.top_p,
+                                 max_new_tokens=args["max_new_tokens"], seed=ns.seed,
+                                 dataset_dir=args["dataset_dir"], max_samples=ns.max_samples, bf16=args["bf16"])
+        else:
+            rc = _launch(["llamafactory-cli", "train", str(final)], _env(ns, {}))
+            if rc != 0:
+                return rc
         outs.append(out)
     if outs and not ns.no_extract:
         return extract_all(ns, outs, dataset, rdir)

@@ -123,3 +123,19 @@ def test_metrics_are_written(run):
     reviews = [json.loads(x) for x in (run["dir"] / "predict/temp_0.35/reviews.jsonl").open()]
     assert len(reviews) == 6 and all(r["paper_id"] for r in reviews)
 
+
+
+def test_vllm_backend_uses_the_same_prompts(run):
+    """BACKEND=vllm encodes the test split with LLaMA-Factory exactly as its HF predict did; only the
+    decoding is vLLM's (GPU only: here it must refuse clearly)."""
+    from llamafactory_ext.vllm_predict import encode_test_split
+
+    template = "mistral" if run["model"] == "tiny" else "gemma"
+    rows, _ = encode_test_split(str(run["dir"] / "merged"), template, "sample_test", dataset_dir=str(run["ws"]))
+    preds = [json.loads(x) for x in (run["dir"] / "predict/temp_0.35/generated_predictions.jsonl").open()]
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in preds]
+    assert [r["label"] for r in rows] == [p["label"] for p in preds]
+    p = subprocess.run([sys.executable, "-m", "llamafactory_ext.cli", "run", "predict", "--model", run["model"],
+                        "--data", "sample", "--backend", "vllm", "--max-new-tokens", "4"], cwd=run["ws"],
+                       env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "BACKEND=vllm needs vLLM" in p.stderr, p.stderr[-2000:]
