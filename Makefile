@@ -22,8 +22,6 @@ STAMP  := $(VENV)/.installed
 
 MODEL ?= tiny
 DATA  ?= sample
-PORT  ?= 6006
-HOST  ?= 127.0.0.1
 
 # The embedded default never touches a model hub: the tiny models are built locally. (The real
 # recipes name hub IDs; they download once unless you pass MODEL_PATH=/local/copy.)
@@ -35,9 +33,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM ?= false
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-# Forwarded to `llamafactory-ext run` (it reads them from the environment).
-export MODEL DATA MODEL_PATH ROPE RESUME CUTOFF NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT DRY_RUN
-export TEMP TEMPS TOP_P MAX_NEW_TOKENS MAX_SAMPLES BACKEND TEST_DATASET HOST PORT WEBUI_AUTH
+# Variables given on the command line (`make sft MODEL=mistral NPROC=8`) reach the commands' environment,
+# where `llamafactory-ext run` / `webui` read them. Nothing is exported empty: LLaMA-Factory's launcher
+# reads NNODES/NODE_RANK/MASTER_* with os.getenv and crashes on an empty string.
 
 .PHONY: help install test demo tiny data sft merge predict judge review webui doctor plan bench-data lint clean
 

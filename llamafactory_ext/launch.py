@@ -36,6 +36,8 @@ ROPE_TYPES = ("linear", "dynamic")
 TEMPLATES = {"mistral": "mistral", "gemma": "gemma", "tiny": "mistral", "tiny_gemma": "gemma"}
 # test split registered for each MODEL x DATA (predict); inference-truncated papers
 TEST_DATASETS = {"sample": "sample_test"}
+LAUNCH_ENV = ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+              "RDZV_ID", "MIN_NNODES", "MAX_NNODES", "MAX_RESTARTS")
 PREDICT_CUTOFF = 1_000_000
 PREDICT_DEFAULTS = {  # max_new_tokens: a full review on real models, a few words on the tiny ones
     "tiny": {"max_new_tokens": 48}, "tiny_gemma": {"max_new_tokens": 48},
@@ -150,7 +152,8 @@ def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
 
 
 def _env(ns: argparse.Namespace, args: dict) -> dict[str, str]:
-    env = dict(os.environ)
+    # LLaMA-Factory's launcher does int(os.getenv("NNODES", "1")): an exported-but-empty variable crashes it
+    env = {k: v for k, v in os.environ.items() if v != "" or k not in LAUNCH_ENV}
     bindir = str(Path(sys.executable).parent)  # torchrun and llamafactory-cli of this venv
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     nproc = ns.nproc or os.environ.get("NPROC_PER_NODE")

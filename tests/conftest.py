@@ -24,7 +24,10 @@ VENV_BIN = Path(sys.executable).parent
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses: offline, the venv's bin first on PATH (torchrun, llamafactory-cli)."""
-    env = dict(os.environ)
+    from llamafactory_ext.launch import LAUNCH_ENV
+
+    # an exported-but-empty NNODES & co. crashes LLaMA-Factory's launcher (int(""))
+    env = {k: v for k, v in os.environ.items() if v != "" or k not in LAUNCH_ENV}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
