@@ -57,7 +57,8 @@ tiny: $(STAMP)
 data: $(STAMP)
 ifeq ($(filter tiny tiny_gemma,$(MODEL)),)
 	@test -n "$(IN)" || { echo "error: make data MODEL=$(MODEL) needs IN=/path/to/paper_review.jsonl"; exit 2; }
-	$(EXT) data --model $(MODEL) --in "$(IN)" $(if $(MODEL_PATH),--model-path "$(MODEL_PATH)")
+	$(EXT) data --model $(MODEL) --in "$(IN)" $(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") \
+	    $(if $(TEST_SIZE),--test-size $(TEST_SIZE)) $(if $(SIZES),--sizes $(SIZES))
 else
 	$(EXT) data
 endif
@@ -89,21 +90,31 @@ demo: $(STAMP)
 	echo "  metrics:      runs/tiny_sample/predict/metrics.md" && \
 	cat runs/tiny_sample/predict/metrics.md 2>/dev/null || true
 
+# HOST/PORT count only when given on the make command line: a shell's own $HOST (tcsh exports the
+# machine's name) must never silently move the UI onto the network.
 webui: $(STAMP)
-	$(EXT) webui
+	$(EXT) webui $(if $(filter command line,$(origin HOST)),--host $(HOST)) \
+	    $(if $(filter command line,$(origin PORT)),--port $(PORT))
 
 doctor: $(STAMP)
-	$(EXT) doctor
+	$(EXT) doctor $(if $(wildcard sft_recipes/$(MODEL)_$(DATA).yaml),--recipe sft_recipes/$(MODEL)_$(DATA).yaml)
 
 plan: $(STAMP)
 	$(EXT) plan sft_recipes/$(MODEL)_$(DATA).yaml $(if $(GPU),--gpu $(GPU)) $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))
 
 # ---- evaluation ----
 # make judge JUDGE_URL=https://api.openai.com/v1 JUDGE_MODEL=gpt-4o  (key from OPENAI_API_KEY)
+#   B side: JUDGE_B=reviews.jsonl (default: GPT-4o's reviews of the sample papers); PAPERS=papers.jsonl
+#   (default: the test split that was predicted, which holds paper_id + paper text).
+ifneq ($(filter tiny tiny_gemma,$(MODEL)),)
+PAPERS ?= data/build/sample/test.jsonl
+else
+PAPERS ?= data/build/paper_review/$(MODEL)/test.jsonl
+endif
 judge: $(STAMP)
 	@test -n "$(JUDGE_URL)" -a -n "$(JUDGE_MODEL)" || { echo "error: make judge needs JUDGE_URL=... JUDGE_MODEL=..."; exit 2; }
 	$(EXT) judge --a runs/$(MODEL)_$(DATA)/predict/temp_$(or $(TEMP),0.35)/reviews.jsonl \
-	    --papers data/sample/paper_review.jsonl --base-url $(JUDGE_URL) --model $(JUDGE_MODEL) \
+	    $(if $(JUDGE_B),--b $(JUDGE_B)) --papers $(PAPERS) --base-url $(JUDGE_URL) --model $(JUDGE_MODEL) \
 	    --out runs/$(MODEL)_$(DATA)/judge_temp_$(or $(TEMP),0.35)
 
 # make review PAPER=paper.pdf  (with the merged model of MODEL x DATA)

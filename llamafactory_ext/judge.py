@@ -330,11 +330,13 @@ def judge(a: Path, b: Path, papers: Path, base_url: str, model: str, out: Path, 
         pairs = pairs[:limit]
 
     params = {"temperature": temperature, "max_tokens": max_tokens}
+    # the endpoint is part of the cache key: the same model name on another server is another judge
+    key_params = {**params, "base_url": base_url.rstrip("/")}
     calls = []  # (paper_id, order, key, messages)
     for pid, paper, ra, rb in pairs:
         for order, first, second in (("ab", ra, rb), ("ba", rb, ra)):
             msgs = build_messages(paper, first, second, max_paper_chars)
-            calls.append((pid, order, cache_key(model, msgs, params), msgs))
+            calls.append((pid, order, cache_key(model, msgs, key_params), msgs))
 
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out / "cache.jsonl")

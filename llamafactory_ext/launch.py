@@ -56,6 +56,8 @@ def recipes() -> dict[tuple[str, str], Path]:
 
 
 def resolve_recipe(model: str, data: str) -> Path:
+    if not RECIPES.is_dir():
+        raise UserError(f"no {RECIPES}/ in {Path.cwd()}: run from the project root (where the Makefile is)")
     table = recipes()
     if (model, data) in table:
         return table[(model, data)]
@@ -67,6 +69,35 @@ def resolve_recipe(model: str, data: str) -> Path:
         raise UserError(f"unknown DATA={data!r}; valid values: {', '.join(datas)}")
     combos = ", ".join(f"MODEL={m} DATA={d}" for m, d in table)
     raise UserError(f"no recipe sft_recipes/{model}_{data}.yaml; available: {combos}")
+
+
+def positive_int(name: str, value, example: str = "8192 or 8k") -> int:
+    """`8192` or `8k` -> 8192; anything else is a clear error."""
+    text = str(value).strip().lower()
+    try:
+        n = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"{name}={value!r}: expected a positive whole number (e.g. {example})")
+    return n
+
+
+def parse_temps(text: str) -> list[float]:
+    temps = []
+    for item in re.split(r"[ ,]+", text.strip()):
+        if not item:
+            continue
+        try:
+            t = float(item)
+        except ValueError:
+            t = -1.0
+        if not 0 <= t <= 5:
+            raise UserError(f"TEMPS/TEMP: {item!r} is not a temperature (e.g. TEMPS=\"0.35 0.5\")")
+        temps.append(t)
+    if not temps:
+        raise UserError("TEMPS is empty (e.g. TEMPS=\"0.35 0.5\")")
+    return temps
 
 
 def run_dir(model: str, data: str) -> Path:
@@ -102,8 +133,13 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     """The newest COMPLETE checkpoint. The Trainer writes trainer_state.json last, so a process killed
     while saving leaves a newer folder without it; LLaMA-Factory's auto-resume would pick that one
     and crash, we skip it."""
-    complete = [p for p in checkpoints(output_dir) if (p / "trainer_state.json").is_file()]
-    return complete[-1] if complete else None
+    for p in reversed(checkpoints(output_dir)):
+        try:
+            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
+            return p
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
@@ -119,7 +155,12 @@ def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
             raise UserError(f"unknown ROPE={ns.rope!r}; valid values: {', '.join(ROPE_TYPES)}")
         args["rope_scaling"] = ns.rope
     if ns.cutoff:
-        args["cutoff_len"] = int(ns.cutoff)
+        args["cutoff_len"] = positive_int("CUTOFF", ns.cutoff)
+    for name, value in (("NPROC", ns.nproc), ("NNODES", ns.nnodes)):
+        if value not in (None, ""):
+            positive_int(name, value, example="8")
+    if ns.node_rank not in (None, "") and not str(ns.node_rank).isdigit():
+        raise UserError(f"NODE_RANK={ns.node_rank!r}: expected 0, 1, ... (this node's index)")
     args.update(parse_overrides(ns.overrides))
 
     out = Path(args["output_dir"])
@@ -136,7 +177,8 @@ def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
             step = int(ckpt.name.split("-")[1])
             broken = [p.name for p in checkpoints(out) if int(p.name.split("-")[1]) > step]
             if broken:
-                print(f"warning: skipping incomplete checkpoint(s) {', '.join(broken)} (no trainer_state.json: "
+                print(f"warning: skipping incomplete checkpoint(s) {', '.join(broken)} (no readable "
+                      "trainer_state.json: "
                       f"the run was killed while saving); resuming from {ckpt.name}", file=sys.stderr)
     elif resume in ("never", "fresh", "no"):
         args["overwrite_output_dir"] = False
@@ -345,12 +387,11 @@ def cmd_merge(ns: argparse.Namespace) -> int:
         args["rope_scaling"] = trained["rope_scaling"]
         args["cutoff_len"] = trained.get("cutoff_len", 2048)
     args.update(parse_overrides(ns.overrides))
-    rdir.mkdir(parents=True, exist_ok=True)
-    final = rdir / "merge_args.yaml"
-    atomic_write_text(final, dump_yaml(args))
     if ns.dry_run:
         print(dump_yaml(args))
         return 0
+    rdir.mkdir(parents=True, exist_ok=True)
+    final = rdir / "merge_args.yaml"
     tmp = merged.with_name("merged.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     args["export_dir"] = str(tmp)
@@ -380,7 +421,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     merged = Path(ns.model_dir) if ns.model_dir else rdir / "merged"
     if not (merged / "config.json").is_file():
         raise UserError(f"no merged model in {merged}; run `make merge MODEL={ns.model} DATA={ns.data}` first")
-    temps = [float(t) for t in re.split(r"[ ,]+", (ns.temps or str(ns.temp)).strip()) if t]
+    temps = parse_temps(ns.temps or str(ns.temp))
     dataset = predict_dataset(ns)
     problems = validate_sft_args({"eval_dataset": dataset})
     if problems:
@@ -415,11 +456,11 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         if ns.max_samples:
             args["max_samples"] = ns.max_samples
         args.update(parse_overrides(ns.overrides))
-        final = rdir / f"predict_args_temp_{t:g}.yaml"
-        atomic_write_text(final, dump_yaml(args))
         if ns.dry_run:
             print(dump_yaml(args))
             continue
+        final = rdir / f"predict_args_temp_{t:g}.yaml"
+        atomic_write_text(final, dump_yaml(args))
         if ns.backend == "vllm":
             from llamafactory_ext import vllm_predict
 
@@ -432,22 +473,27 @@ def cmd_predict(ns: argparse.Namespace) -> int:
                 return rc
         outs.append(out)
     if outs and not ns.no_extract:
-        return extract_all(ns, outs, dataset, rdir)
+        return extract_all(ns, outs, dataset, rdir, trained.get("dataset_dir", "."))
     return 0
 
 
-def extract_all(ns: argparse.Namespace, outs: list[Path], dataset: str, rdir: Path) -> int:
-    """reviews.jsonl + per-paper Markdown + the metrics table over all temperatures."""
-    try:
-        from llamafactory_ext import extract
-    except ImportError:
-        return 0
-    info = json.loads(Path("dataset_info.json").read_text(encoding="utf-8"))
-    ids = info.get(dataset, {}).get("file_name")
-    argv = [str(o / "generated_predictions.jsonl") for o in outs] + ["--out", str(rdir / "predict")]
-    if ids and Path(ids).exists():
-        argv += ["--ids", ids]
-    for o in outs:
+def extract_all(ns: argparse.Namespace, outs: list[Path], dataset: str, rdir: Path,
+                dataset_dir: str = ".") -> int:
+    """reviews.jsonl + per-paper Markdown + ONE metrics table over every temperature predicted so far
+    (this call's and earlier ones': `TEMP=0.35` then `TEMP=0.5` gives two rows)."""
+    from llamafactory_ext import extract
+
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    ids = Path(dataset_dir) / info[dataset]["file_name"]
+    if not ids.is_file():
+        raise UserError(f"{ids} (the test split {dataset!r}) is missing: papers could not be named; "
+                        f"run `make data` again")
+    runs = sorted({*outs, *(p.parent for p in (rdir / "predict").glob("temp_*/generated_predictions.jsonl"))},
+                  key=lambda p: float(p.name.split("_", 1)[1]))
+    argv = [str(o / "generated_predictions.jsonl") for o in runs] + ["--out", str(rdir / "predict"),
+                                                                    "--ids", str(ids)]
+    for o in runs:
         argv += ["--name", o.name]
     p = argparse.ArgumentParser()
     extract.add_arguments(p)
@@ -469,7 +515,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-rank", default=os.environ.get("NODE_RANK") or None)
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR") or None)
     p.add_argument("--master-port", default=os.environ.get("MASTER_PORT") or None)
-    p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN", "") not in ("", "0"),
+    p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN", "").strip().lower() not in ("", "0", "false", "no", "off"),
                    help="print and validate the final arguments; load nothing")
     # predict
     p.add_argument("--temp", type=float, default=float(os.environ.get("TEMP") or 0.35))

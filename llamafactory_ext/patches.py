@@ -99,7 +99,10 @@ def fixed_configure_rope(config, model_args) -> None:
     config.rope_parameters = new
     if hasattr(config, "validate_rope"):
         config.validate_rope()
-    logger.info_rank0(f"Enlarge max model length from {old_max_length} to {int(old_max_length * rope_factor)}.")
+    if rope_type == "dynamic":
+        logger.info_rank0(f"Dynamic NTK: original frequencies up to {old_max_length} tokens, base grows beyond.")
+    else:
+        logger.info_rank0(f"Enlarge max model length from {old_max_length} to {new_max_length}.")
     logger.info_rank0(
         f"Using {rope_type} scaling strategy and setting scaling factor to {rope_factor} "
         f"(rope_theta {theta:g} kept; fix from llamafactory_ext.patches)."

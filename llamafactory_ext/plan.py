@@ -10,7 +10,7 @@ Units: GiB (2^30 bytes) everywhere. `--gpu-mem` is the memory the GPU really has
 because ECC keeps 1/16 of it. `--gpu a40` fills that in. The seed's "33 GB / 47 GB" readings are decimal
 GB (47 GiB would not even fit on an A40).
 
-The model (see also notes/performance-anchors.md section 2), for T = batch x cutoff tokens per micro-step:
+The model (checked against the seed's runs; see tests/test_plan.py), for T = batch x cutoff tokens per micro-step:
 
     peak = W + S + C + T x (c_ckpt + c_layer + c_head) + attention s^2 terms
 
@@ -65,6 +65,9 @@ GPUS_MIB = {
     "a40": 46068, "l40s": 46068, "a6000": 49140, "a100-40": 40960, "a100-80": 81920,
     "h100": 81559, "h200": 143771, "4090": 24564, "a10g": 23028, "l4": 23034, "t4": 15360, "v100-32": 32768,
 }
+
+# a card's marketed size -> what it exposes, where the two differ materially
+NOMINAL_GIB = {48: GPUS_MIB["a40"] / 1024}
 
 
 @dataclass(frozen=True)
@@ -545,7 +548,9 @@ def _gpu_mem(args) -> float | None:
     if args.gpu_mem is not None:
         if args.gpu_mem <= 0:
             raise UserError(f"--gpu-mem {args.gpu_mem}: give the GPU's memory in GiB, e.g. 45 for an A40")
-        return args.gpu_mem
+        # "48" is how the seed's A40 is sold, not what it has: with ECC on (the default) a 48 GB
+        # A40/L40S exposes 46068 MiB = 45.0 GiB, so that is what `fits` is judged against.
+        return NOMINAL_GIB.get(args.gpu_mem, args.gpu_mem)
     try:
         import torch
 
@@ -591,9 +596,12 @@ def run(args: argparse.Namespace) -> int:
     s = setup_from_recipe(recipe, Path(args.recipe), batch=args.batch, cutoff=args.cutoff, gpus=args.gpus,
                           liger=True if args.liger else None)
     e = estimate(arch, s, gpu_mem)
-    if args.gpu is None and args.gpu_mem in (16, 24, 32, 40, 48, 80, 96, 141):
-        e.notes.append(f"--gpu-mem {args.gpu_mem:g} is a marketing size? GPUs have less: a '48 GB' A40 shows "
-                       "46068 MiB = 45.0 GiB in nvidia-smi (ECC on); pass that, or --gpu a40")
+    if args.gpu is None and args.gpu_mem in NOMINAL_GIB:
+        e.notes.append(f"--gpu-mem {args.gpu_mem:g}: judged as a '48 GB' A40/L40S, which exposes 46068 MiB = "
+                       f"{NOMINAL_GIB[args.gpu_mem]:.1f} GiB in nvidia-smi (ECC on); an RTX A6000 has 48.0: --gpu a6000")
+    elif args.gpu is None and args.gpu_mem in (16, 24, 32, 40, 80, 96, 141):
+        e.notes.append(f"--gpu-mem {args.gpu_mem:g} is a marketing size? Cards expose a little less in nvidia-smi "
+                       "(memory.total MiB / 1024); pass that, or --gpu NAME")
     if args.json:
         print(json.dumps(to_json(e, args.recipe), indent=1))
     else:

@@ -4,7 +4,7 @@
     llamafactory-ext data --model mistral --in paper_review.jsonl # your data, for a real recipe
 
 The sample becomes `sample_train` / `sample_test` (data/build/sample/). Your data becomes
-`paper_review_{5k,15k}_<model>` (nested: the 5K papers are the first 5K of the 15K) and
+`paper_review_{5k,15k}_<model>` (nested: the 5K records are the first 5K of the 15K) and
 `paper_review_test_<model>`, truncated with that model's tokenizer and chat template so that
 LLaMA-Factory's `cutoff_len` never has to cut anything (it would cut the end of the prompt, i.e.
 the `[/INST]` marker, or the review). Test papers keep their first 7 x 1024 tokens (inference).
@@ -75,9 +75,11 @@ def prepare_model(model: str, src: Path, tokenizer: str | None = None, test_size
     step("convert", [str(src), str(build / "all.jsonl")])
     step("split", [str(build / "all.jsonl"), "--test-size", test_size, "--sizes", sizes, "--seed", "0",
                    "--out-dir", str(build)])
+    from llamafactory_ext.split import parse_sizes, size_name
+
+    tags = [size_name(n) for n in parse_sizes(sizes)]  # "5000,15000" or "5k,15k" -> ["5k", "15k"]
     out = {}
-    for size in [s.strip() for s in sizes.split(",") if s.strip()]:
-        tag = f"{int(size) // 1000}k" if int(size) % 1000 == 0 else size
+    for tag in tags:
         dst = build / f"train_{tag}.jsonl"
         step("truncate", [str(build / f"all_train_{tag}.jsonl"), str(dst), "--tokenizer", tokenizer,
                           "--template", template, "--max-tokens", str(budget)])

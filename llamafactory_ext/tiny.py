@@ -120,8 +120,12 @@ def build(
     max_pos = int(max_position_embeddings or DEFAULTS[arch]["max_position_embeddings"])
     theta = float(rope_theta or DEFAULTS[arch]["rope_theta"])
     out = Path(out) if out is not None else DEFAULT_ROOT / arch
+    import tokenizers
+    import transformers
+
     spec = {"v": BUILD_VERSION, "arch": arch, "max_pos": max_pos, "theta": theta, "vocab": vocab_size,
-            "seed": seed, "corpus": SAMPLE_DATA.exists()}
+            "seed": seed, "corpus": SAMPLE_DATA.stat().st_size if SAMPLE_DATA.exists() else None,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     stamp = out / ".tiny-build"
     if not force and stamp.exists() and stamp.read_text().strip() == key:

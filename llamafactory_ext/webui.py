@@ -4,7 +4,7 @@ Differences from `llamafactory-cli webui`:
   - binds to 127.0.0.1 (stock binds to 0.0.0.0: an unauthenticated page that can start processes
     and read paths on the machine); another host prints a warning, and --auth / WEBUI_AUTH adds a
     login (gradio's auth);
-  - the port is fixed (6006 unless --port / PORT): a port in use is an error, never a silent move
+  - the port is fixed (6006 unless --port / WEBUI_PORT / make webui PORT=): a port in use is an error, never a silent move
     to the next free one; no browser is opened and nothing is shared through gradio.live;
   - the dataset folder box defaults to --dataset-dir (the folder holding dataset_info.json), so
     datasets registered with `llamafactory-ext register` are listed without typing a path;
@@ -15,8 +15,8 @@ and saves/ (training outputs).
 
 examples:
   llamafactory-ext webui                                  # http://127.0.0.1:6006
-  PORT=7000 llamafactory-ext webui --dataset-dir data/
-  HOST=0.0.0.0 WEBUI_AUTH=alice:s3cret llamafactory-ext webui   # reachable from other machines
+  WEBUI_PORT=7000 llamafactory-ext webui --dataset-dir data/    # or: make webui PORT=7000
+  make webui HOST=0.0.0.0 WEBUI_AUTH=alice:s3cret          # reachable from other machines
 
 On a rented GPU box, prefer an SSH tunnel from your laptop and keep the default host:
   ssh -N -L 6006:127.0.0.1:6006 user@box      # then open http://127.0.0.1:6006 locally
@@ -47,10 +47,12 @@ SIDE_FILES = ("llamaboard_cache/", "llamaboard_config/", "saves/")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=os.environ.get("HOST") or DEFAULT_HOST,
-                   help="address to listen on (env HOST; default %(default)s, this machine only)")
-    p.add_argument("--port", default=os.environ.get("PORT") or str(DEFAULT_PORT),
-                   help="port to listen on (env PORT; default %(default)s)")
+    # WEBUI_HOST/WEBUI_PORT, not the generic HOST/PORT many shells and platforms export (tcsh sets
+    # HOST to the machine's name): those must never silently move the UI onto the network.
+    p.add_argument("--host", default=os.environ.get("WEBUI_HOST") or DEFAULT_HOST,
+                   help="address to listen on (env WEBUI_HOST; make webui HOST=...; default %(default)s, this machine only)")
+    p.add_argument("--port", default=os.environ.get("WEBUI_PORT") or str(DEFAULT_PORT),
+                   help="port to listen on (env WEBUI_PORT; make webui PORT=...; default %(default)s)")
     p.add_argument("--auth", default=os.environ.get("WEBUI_AUTH") or None, metavar="USER:PASSWORD",
                    help="require this login (env WEBUI_AUTH; prefer the env var: arguments show in `ps`)")
     p.add_argument("--dataset-dir", default=".",

@@ -266,7 +266,7 @@ def test_unauthorized_fails_at_once(files, server):
     assert server.requests == 1
 
 
-def test_killed_run_resumes_with_only_the_rest(files, server, capsys):
+def test_killed_run_resumes_with_only_the_rest(files, server, capsys, monkeypatch):
     """SIGKILL the CLI after 5 answers; the re-run asks exactly the 11 calls that were not answered."""
     server.block_after = 5
     argv = ["judge", "--a", str(files["a"]), "--b", str(files["b"]), "--papers", str(files["papers"]),
@@ -289,12 +289,8 @@ def test_killed_run_resumes_with_only_the_rest(files, server, capsys):
     assert len(cache.read_text().splitlines()) == 5
     assert not (files["out"] / "summary.json").exists()
 
-    import os
-    os.environ["OPENAI_API_KEY"] = SECRET
-    try:
-        assert cli.main(argv) == 0
-    finally:
-        del os.environ["OPENAI_API_KEY"]
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert cli.main(argv) == 0
     assert server.answered == 11 and server.requests == 11
     printed = capsys.readouterr()
     assert "win" in printed.out and "a vs b" in printed.out and SECRET not in printed.out + printed.err

@@ -46,9 +46,11 @@ def dynamic_base(seq_len: int) -> float:
 
 def load_with_lf(model_path: Path, rope: str):
     """LLaMA-Factory's loader (get_train_args -> load_tokenizer -> load_model), as `train` does it."""
+    import llamafactory.model.model_utils.rope  # noqa: F401
     from llamafactory.train.test_utils import load_train_model
 
-    assert patches.is_applied() or patches.apply(), "the .pth import hook should have patched LLaMA-Factory"
+    # patched by the .pth import hook at interpreter start, not by this test
+    assert patches.is_applied(), "llamafactory_ext_autopatch.pth did not patch LLaMA-Factory"
     return load_train_model(
         model_name_or_path=str(model_path), stage="sft", do_train=True, finetuning_type="lora",
         lora_target="all", dataset="unused", template="mistral", cutoff_len=CUTOFF, rope_scaling=rope,

@@ -96,9 +96,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_pat
     ws = workspace(tmp_path)
     proc = sft(ws, *RESUME_ARGS, wait=False, tag="killed")
     marker = ws / "runs/tiny_sample/adapter/checkpoint-4/trainer_state.json"
+
+    def saved() -> bool:  # written last in a checkpoint; wait until it is whole
+        try:
+            return json.loads(marker.read_text())["global_step"] == 4
+        except (OSError, ValueError, KeyError):
+            return False
+
     deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while not saved() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert marker.exists(), (ws / "killed.log").read_text()[-3000:]

@@ -44,7 +44,7 @@ def free_port() -> int:
 
 def webui_env(**extra: str) -> dict[str, str]:
     env = cli_env(**extra)
-    for var in ("HOST", "PORT", "WEBUI_AUTH"):
+    for var in ("WEBUI_HOST", "WEBUI_PORT", "WEBUI_AUTH"):
         if var not in extra:
             env.pop(var, None)
     return env
@@ -106,7 +106,7 @@ def server(project, tmp_path_factory):
     """The WebUI on a free port set through PORT, default host, no venv on PATH, run from its own CWD."""
     port = free_port()
     srv = Server(tmp_path_factory.mktemp("webui_cwd"), ["--dataset-dir", str(project)],
-                 webui_env(PORT=str(port), PATH="/usr/bin:/bin"), port)
+                 webui_env(WEBUI_PORT=str(port), PATH="/usr/bin:/bin"), port)
     yield srv
     srv.stop()
 
@@ -248,7 +248,7 @@ def test_port_in_use_is_a_clear_error():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([str(VENV_BIN / "llamafactory-ext"), "webui"], env=webui_env(PORT=str(port)),
+        r = subprocess.run([str(VENV_BIN / "llamafactory-ext"), "webui"], env=webui_env(WEBUI_PORT=str(port)),
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert f"port {port} is already in use" in r.stderr
@@ -262,7 +262,7 @@ def test_public_host_warns_before_starting():
         busy.listen()
         port = busy.getsockname()[1]
         r = subprocess.run([str(VENV_BIN / "llamafactory-ext"), "webui", "--port", str(port)],
-                           env=webui_env(HOST="0.0.0.0"), capture_output=True, text=True, timeout=120)
+                           env=webui_env(WEBUI_HOST="0.0.0.0"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "WARNING: the WebUI will listen on 0.0.0.0" in r.stderr
     assert "WEBUI_AUTH=user:password" in r.stderr and "ssh -L" in r.stderr
@@ -273,12 +273,12 @@ def test_public_host_warns_before_starting():
     ({"WEBUI_AUTH": "alice"}, [], "USER:PASSWORD"),
     ({"WEBUI_AUTH": ":pw"}, [], "USER:PASSWORD"),
     ({}, ["--auth", "alice:"], "USER:PASSWORD"),
-    ({"PORT": "http"}, [], "port 'http' is not a number"),
+    ({"WEBUI_PORT": "http"}, [], "port 'http' is not a number"),
     ({}, ["--port", "70000"], "from 1 to 65535"),
     ({}, ["--dataset-dir", "/nonexistent/dir"], "dataset folder /nonexistent/dir does not exist"),
 ])
 def test_bad_settings_are_user_errors(monkeypatch, capsys, env, argv, message):
-    for var in ("HOST", "PORT", "WEBUI_AUTH"):
+    for var in ("WEBUI_HOST", "WEBUI_PORT", "WEBUI_AUTH"):
         monkeypatch.delenv(var, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
