@@ -142,6 +142,18 @@ def pick(page, label: str, value: str, *, type_to_filter: bool = True) -> None:
     page.get_by_role("option", name=value, exact=True).click()
 
 
+def fill_until_it_sticks(page, box, value: str, settle_ms: int = 1500, tries: int = 20) -> None:
+    """Gradio handlers fired by earlier choices (the model dropdown resets the path box) may land after
+    our edit; fill again until the value survives a quiet period."""
+    for _ in range(tries):
+        box.fill(value)
+        box.press("Tab")
+        page.wait_for_timeout(settle_ms)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"the page kept resetting the box to {box.input_value()!r}")
+
+
 def test_listens_on_loopback_only_by_default(server):
     import psutil
 
@@ -176,8 +188,10 @@ def test_page_lists_the_project_datasets(page, server, project, artifacts_dir):
 def test_training_started_from_the_page_gets_our_fixes(page, server, project, tiny_models, artifacts_dir):
     """Start SFT with RoPE scaling from the browser: stock LLaMA-Factory 0.9.5 on transformers 5 dies
     loading the model ("expected int, got float"); ours trains and logs the fix."""
+    page.get_by_role("heading", name=re.compile("LLaMA Factory")).wait_for()
     pick(page, "Model name", "Custom")
-    page.get_by_role("textbox", name=re.compile(r"^Model path")).fill(str(tiny_models["mistral"]))
+    model_path = page.get_by_role("textbox", name=re.compile(r"^Model path"))
+    fill_until_it_sticks(page, model_path, str(tiny_models["mistral"]))
     pick(page, "Chat template", "mistral")
     pick(page, "RoPE scaling", "linear", type_to_filter=False)
     pick(page, "Dataset", "sample_train", type_to_filter=False)
@@ -188,13 +202,18 @@ def test_training_started_from_the_page_gets_our_fixes(page, server, project, ti
     page.get_by_role("button", name=re.compile(r"^Extra configurations")).click()
     page.get_by_role("textbox", name=re.compile(r"^Extra arguments")).fill(json.dumps(
         {"optim": "adamw_torch", "bf16": False, "max_steps": 1, "preprocessing_num_workers": 1}))
+    assert model_path.input_value() == str(tiny_models["mistral"])
     page.get_by_role("button", name="Start", exact=True).click()
 
     done = page.get_by_text(re.compile(r"^(Finished|Failed)\.")).first
     error = page.get_by_role("alert").filter(has_text="Error").first  # gradio's toast for an exception
-    done.or_(error).first.wait_for(timeout=600_000)
+    # LlamaBoard's own refusals ("Please choose a dataset.", "Model not found.", ...) end the wait too
+    refused = page.get_by_text(re.compile(r"^(Please (select|choose|provide)|Model not found|A process is in running|"
+                                          r"Invalid JSON|Config file is not found)")).first
+    done.or_(error).or_(refused).first.wait_for(timeout=300_000)
     page.screenshot(path=str(artifacts_dir / "webui-train.png"))
     assert not error.is_visible(), f"{error.inner_text()}\n{server.output()}"
+    assert not refused.is_visible(), f"LlamaBoard refused to start: {refused.inner_text()}\n{server.output()}"
     runs = list((server.cwd / "saves" / "Custom" / "lora").glob("train_*"))  # side files in the CWD
     assert len(runs) == 1, f"no run under {server.cwd}/saves:\n{server.output()}"
     run = runs[0]
