@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from llamafactory_ext import UserError
-from llamafactory_ext.fileio import atomic_write
+from llamafactory_ext.fileio import atomic_write, read_jsonl
 from llamafactory_ext.sections import bullets, render_review
 
 LIST_FIELDS = ("strengths", "weaknesses", "questions", "limitations")
@@ -52,19 +52,10 @@ def _check(row: object, where: str) -> dict:
 def convert(raw_path: str | Path, out_path: str | Path) -> int:
     """Write `{"paper_id", "review"}` per line of `raw_path` to `out_path` (atomically); returns the count."""
     raw_path = Path(raw_path)
-    if not raw_path.is_file():
-        raise UserError(f"{raw_path}: no such file")
     out = []
-    with raw_path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{raw_path}:{i}: not valid JSON ({e.msg})") from None
-            row = _check(row, f"{raw_path}:{i}")
-            out.append({"paper_id": row["paper_id"], "review": render_gpt4o(row)})
+    for i, row in read_jsonl(raw_path, "GPT-4o reviews"):
+        row = _check(row, f"{raw_path}:{i}")
+        out.append({"paper_id": row["paper_id"], "review": render_gpt4o(row)})
     with atomic_write(out_path, "w", encoding="utf-8") as f:
         for r in out:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

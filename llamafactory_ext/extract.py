@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from llamafactory_ext import UserError
-from llamafactory_ext.fileio import atomic_write, atomic_write_text
+from llamafactory_ext.fileio import atomic_write, atomic_write_text, read_jsonl
 from llamafactory_ext.sections import SECTION_KEYS, parse_sections, render_markdown
 
 METRIC_COLUMNS = ["run", "n", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "all_sections_%",
@@ -37,28 +37,10 @@ METRIC_COLUMNS = ["run", "n", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "all_se
 
 
 # ----------------------------------------------------------------------------- reading
-def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise UserError(f"{what} {path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append((i, row))
-    return rows
-
-
 def read_predictions(path: Path) -> list[dict]:
     """[{'predict', 'label'}] from a generated_predictions.jsonl, validated line by line."""
     out = []
-    for i, row in _read_jsonl(path, "predictions file"):
+    for i, row in read_jsonl(path, "predictions file"):
         for k in ("predict", "label"):
             if not isinstance(row.get(k), str):
                 raise UserError(f"{path}:{i}: field {k!r} must be a string (is this LLaMA-Factory's "
@@ -75,7 +57,7 @@ def _squash(s: str) -> str:
 
 def read_ids(path: Path, preds: list[dict], pred_path: Path) -> list[str]:
     """paper_ids for `preds` from the predicted alpaca file; checks count and (if present) labels."""
-    rows = _read_jsonl(path, "--ids file")
+    rows = read_jsonl(path, "--ids file")
     checkable = all(isinstance(r.get("output"), str) for _, r in rows)
     if len(rows) > len(preds) and checkable:
         # LLaMA-Factory's max_samples predicts the first N records; every label is checked below.

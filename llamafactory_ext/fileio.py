@@ -38,3 +38,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a small JSONL file; a clear error naming the
+    file and line otherwise. (Big inputs go through `convert`, which streams and keeps rejects.)"""
+    import json
+
+    from llamafactory_ext import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append((i, row))
+    return rows

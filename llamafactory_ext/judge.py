@@ -38,7 +38,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from llamafactory_ext import UserError
-from llamafactory_ext.fileio import atomic_write, atomic_write_text
+from llamafactory_ext.fileio import atomic_write, atomic_write_text, read_jsonl
 
 DEFAULT_B = Path(__file__).resolve().parent.parent / "data" / "sample" / "gpt4o_reviews.jsonl"
 OUTCOMES = ("win", "tie", "loss", "invalid")
@@ -153,20 +153,7 @@ def cache_key(model: str, messages: list[dict], params: dict) -> str:
 
 # ----------------------------------------------------------------------------- inputs
 def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise UserError(f"{what} {path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object")
-            rows.append((i, row))
+    rows = read_jsonl(path, what)
     if not rows:
         raise UserError(f"{what} {path}: the file is empty")
     return rows
