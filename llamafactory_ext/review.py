@@ -74,6 +74,20 @@ def build_query(paper: str, tokenizer, template, max_paper_tokens: int) -> tuple
     return f"{REVIEWER_INSTRUCTION}\n{cut}", {"paper_tokens": n_used, "paper_tokens_total": n_total}
 
 
+TEMPLATE_MARGIN = 32  # room for the chat template's own tokens around the instruction and paper
+
+
+def paper_budget(requested: int, context: int | None, max_new_tokens: int, instruction_tokens: int) -> int:
+    """The paper tokens that fit: at most `requested`, and prompt + review within the model's context."""
+    if not context:
+        return requested
+    room = context - max_new_tokens - instruction_tokens - TEMPLATE_MARGIN
+    if room < 1:
+        raise UserError(f"the model's context ({context} positions) leaves no room for the paper with "
+                        f"--max-new-tokens {max_new_tokens}; lower --max-new-tokens")
+    return min(requested, room)
+
+
 def review_paper(paper_path: str | Path, model: str | Path, *, template: str = "auto",
                  max_paper_tokens: int = 7168, max_new_tokens: int = 1024, temperature: float = 0.35,
                  top_p: float = 0.7, seed: int | None = None, chat_model=None) -> dict:
@@ -94,7 +108,13 @@ def review_paper(paper_path: str | Path, model: str | Path, *, template: str = "
         chat_model = load_chat_model(model, template, temperature=temperature, top_p=top_p,
                                      max_new_tokens=max_new_tokens)
     engine = chat_model.engine
-    query, counts = build_query(paper, engine.tokenizer, engine.template, max_paper_tokens)
+    context = getattr(getattr(engine.model, "config", None), "max_position_embeddings", None)
+    instruction_tokens = len(engine.tokenizer.encode(REVIEWER_INSTRUCTION, add_special_tokens=False))
+    budget = paper_budget(max_paper_tokens, context, max_new_tokens, instruction_tokens)
+    if budget < max_paper_tokens:
+        print(f"note: paper cut to {budget} tokens so that prompt + {max_new_tokens} new tokens fit the model's "
+              f"{context} positions", file=sys.stderr)
+    query, counts = build_query(paper, engine.tokenizer, engine.template, budget)
     if seed is not None:
         from transformers import set_seed
 

@@ -200,3 +200,13 @@ def test_errors(tmp_path, tiny_models, capsys, case, message):
 def test_scanned_message_names_the_file(tmp_path):
     with pytest.raises(UserError, match=r"scan\.pdf: no text layer \(0 characters on 2 page\(s\)"):
         read_paper(_image_only_pdf(tmp_path / "scan.pdf"))
+
+
+def test_paper_budget_respects_the_model_context():
+    from llamafactory_ext.review import TEMPLATE_MARGIN, paper_budget
+
+    assert paper_budget(7168, 32768, 1024, 60) == 7168          # Mistral v0.2: the seed's 7x1024 fits
+    assert paper_budget(7168, 8192, 1024, 60) == 8192 - 1024 - 60 - TEMPLATE_MARGIN  # gemma-7b-it: cut further
+    assert paper_budget(7168, None, 1024, 60) == 7168
+    with pytest.raises(UserError, match="lower --max-new-tokens"):
+        paper_budget(7168, 1024, 1024, 60)
