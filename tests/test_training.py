@@ -162,3 +162,14 @@ def test_two_processes_with_the_rope_fix_in_both_ranks(tiny_models, tmp_path):
     assert "world size: 2" in log
     st = state(ws)
     assert st["global_step"] == 2
+
+
+def test_tiny_recipe_runs_with_plain_llamafactory_cli(tiny_models, tmp_path):
+    """The recipes are plain LLaMA-Factory YAML: `llamafactory-cli train sft_recipes/<name>.yaml` from the
+    project root runs them unchanged (here with two steps, via LLaMA-Factory's own key=value overrides)."""
+    ws = workspace(tmp_path)
+    p = subprocess.run(["llamafactory-cli", "train", "sft_recipes/tiny_sample.yaml", "max_steps=2", "save_steps=2"],
+                       cwd=ws, env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert state(ws)["global_step"] == 2
+    assert (ws / "runs/tiny_sample/adapter/adapter_model.safetensors").is_file()
