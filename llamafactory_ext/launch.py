@@ -156,9 +156,6 @@ def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
         args["rope_scaling"] = ns.rope
     if ns.cutoff:
         args["cutoff_len"] = positive_int("CUTOFF", ns.cutoff)
-    for name, value in (("NPROC", ns.nproc), ("NNODES", ns.nnodes)):
-        if value not in (None, ""):
-            positive_int(name, value, example="8")
     if ns.node_rank not in (None, "") and not str(ns.node_rank).isdigit():
         raise UserError(f"NODE_RANK={ns.node_rank!r}: expected 0, 1, ... (this node's index)")
     args.update(parse_overrides(ns.overrides))
@@ -198,8 +195,10 @@ def _env(ns: argparse.Namespace, args: dict) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if v != "" or k not in LAUNCH_ENV}
     bindir = str(Path(sys.executable).parent)  # torchrun and llamafactory-cli of this venv
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    nproc = ns.nproc or os.environ.get("NPROC_PER_NODE")
-    distributed = bool(args.get("deepspeed")) or int(nproc or 1) > 1 or int(ns.nnodes or 1) > 1
+    nproc = ns.nproc or os.environ.get("NPROC_PER_NODE") or None
+    nproc = positive_int("NPROC", nproc, example="8") if nproc else None
+    nnodes = positive_int("NNODES", ns.nnodes, example="2") if ns.nnodes else 1
+    distributed = bool(args.get("deepspeed")) or (nproc or 1) > 1 or nnodes > 1
     if distributed:
         env["FORCE_TORCHRUN"] = "1"
         if not nproc:
