@@ -1,0 +1,262 @@
+"""Interrupting a command never leaves a half-written output: real subprocesses, real signals, mid-write.
+
+`truncate` and `split` are frozen (SIGSTOP) once their temp output provably holds data, checked to be
+mid-run while frozen, then sent SIGINT or SIGKILL: the previous complete OUT survives byte for byte (or
+stays absent), Ctrl-C exits 130 without temp files, and what a SIGKILL leaves is removed by the next write.
+`register` runs 20 writers at once with random SIGKILLs: dataset_info.json always parses and loses nothing.
+(`convert` has its own interrupt tests in test_convert.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import cli_env
+
+from llamafactory_ext.fileio import _host_tag, atomic_write_text, remove_stale_temps
+
+CLI = [sys.executable, "-m", "llamafactory_ext.cli"]
+PREVIOUS = b'{"previous": "complete version"}\n'
+
+
+def _state(pid: int) -> str:
+    """The kernel's one-letter process state (R, S, T = stopped, Z = exited, not yet reaped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def temps(folder: Path, name: str | None = None) -> list[Path]:
+    return sorted(folder.glob(f".{name}.*.tmp" if name else ".*.tmp"))
+
+
+def freeze_mid_write(proc: subprocess.Popen, folder: Path, name: str, min_bytes: int) -> None:
+    """Stop `proc` once its temp file for OUT `name` holds at least `min_bytes`, and check, while it is
+    frozen, that it is mid-run: alive and the temp file still there (not yet renamed onto OUT)."""
+    deadline = time.monotonic() + 120
+    while True:
+        sizes = [p.stat().st_size for p in temps(folder, name) if p.name.startswith(f".{name}.{proc.pid}-")]
+        if sizes and sizes[0] >= min_bytes:
+            break
+        assert proc.poll() is None, f"exited before writing {min_bytes} bytes of {name}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"{name} never got {min_bytes} bytes"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)
+    while _state(proc.pid) not in "TZ":
+        time.sleep(0.001)
+    assert _state(proc.pid) == "T" and temps(folder, name), "finished before it could be frozen: make the input bigger"
+
+
+def interrupt(proc: subprocess.Popen, sig: int) -> bytes:
+    """Deliver `sig` to the frozen process, let it run on, and return its stderr."""
+    proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and b"interrupted" in err, err.decode()[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    return err
+
+
+# ---- truncate ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def truncate_input(tmp_path_factory) -> Path:
+    """3000 records whose papers must all be cut to fit 256 tokens: seconds of work for one process."""
+    rng = random.Random(0)
+    words = "we propose a novel attention method and show consistent gains over strong baselines".split()
+    path = tmp_path_factory.mktemp("truncate") / "in.jsonl"
+    with path.open("wb") as f:
+        for i in range(3000):
+            paper = " ".join(rng.choice(words) for _ in range(400))
+            f.write(orjson.dumps({"instruction": "Review it.", "input": paper, "output": "A fair review. " * 8,
+                                  "paper_id": i}) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_truncate_interrupt_keeps_previous_out(tmp_path, tiny_models, truncate_input, sig):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(PREVIOUS)
+    plot = tmp_path / "out.lengths.png"
+    plot.write_bytes(b"previous png")
+    proc = subprocess.Popen([*CLI, "truncate", str(truncate_input), str(out), "--tokenizer",
+                             str(tiny_models["mistral"]), "--template", "mistral", "--max-tokens", "256",
+                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    freeze_mid_write(proc, tmp_path, "out.jsonl", 64 * 1024)
+    interrupt(proc, sig)
+    assert out.read_bytes() == PREVIOUS and plot.read_bytes() == b"previous png"
+    assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
+    if sig == signal.SIGINT:
+        assert not temps(tmp_path)  # Ctrl-C cleans its temp files up
+    else:  # SIGKILL cannot: the next write of the same OUT removes them (the dead writer's, nobody else's)
+        left = temps(tmp_path)
+        assert {p.name.split(".")[-3] for p in left} == {f"{proc.pid}-{_host_tag()}"}
+        assert sorted(remove_stale_temps(out) + remove_stale_temps(str(out) + ".rejects.jsonl")) == left
+        assert not temps(tmp_path)
+
+
+# ---- split ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def split_input(tmp_path_factory) -> Path:
+    """40 000 records of 1.5 KB (60 MB) from 20 000 papers."""
+    path = tmp_path_factory.mktemp("split") / "reviews.jsonl"
+    with path.open("wb") as f:
+        for i in range(40_000):
+            f.write(orjson.dumps({"instruction": "I", "input": f"paper {i // 2} " + "x" * 1500, "output": "r",
+                                  "paper_id": i // 2}) + b"\n")
+    return path
+
+
+SPLIT_OUTS = ("reviews_train.jsonl", "reviews_test.jsonl", "reviews_train_5k.jsonl", "reviews_train_30k.jsonl")
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["previous", "none"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_split_interrupt_keeps_previous_outs(tmp_path, split_input, sig, previous):
+    if previous:
+        for name in SPLIT_OUTS:
+            (tmp_path / name).write_bytes(PREVIOUS + name.encode())
+    cmd = [*CLI, "split", str(split_input), "--test-size", "100", "--sizes", "5k,30k", "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    freeze_mid_write(proc, tmp_path, "reviews_train.jsonl", 256 * 1024)
+    interrupt(proc, sig)
+    for name in SPLIT_OUTS:
+        if previous:
+            assert (tmp_path / name).read_bytes() == PREVIOUS + name.encode(), name
+        else:
+            assert not (tmp_path / name).exists(), name
+    if sig == signal.SIGINT:
+        assert not temps(tmp_path)
+    else:
+        assert len(temps(tmp_path)) == len(SPLIT_OUTS)
+        # running the command again completes it and removes the dead run's temp files
+        assert subprocess.run(cmd, capture_output=True, env=cli_env(), timeout=120).returncode == 0
+        assert not temps(tmp_path)
+        train = (tmp_path / "reviews_train.jsonl").read_bytes()
+        assert train.count(b"\n") == 40_000 - 200
+        assert train.startswith((tmp_path / "reviews_train_30k.jsonl").read_bytes())
+
+
+# ---- register ------------------------------------------------------------------------------------------------
+def test_register_survives_parallel_writers_and_sigkills(tmp_path):
+    """20 processes register at once into a 20 000-entry file; 5 are SIGKILLed at random moments and 5
+    the moment they are seen writing their temp file, while a reader parses the file all along.
+    dataset_info.json always parses, keeps its entries in order, and has every registration whose
+    process finished (a killed one's is there whole or not at all)."""
+    info = tmp_path / "dataset_info.json"
+    existing = {f"old_{i}": {"file_name": f"old/{i}.jsonl", "formatting": "alpaca", "n": i} for i in range(20_000)}
+    info.write_text(json.dumps(existing, indent=2) + "\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "I", "input": "p", "output": "r"}) + "\n")
+
+    bad_reads: list[str] = []
+    done = threading.Event()
+
+    def reader():
+        while not done.is_set():
+            text = info.read_text()
+            try:
+                json.loads(text)
+            except ValueError as e:
+                bad_reads.append(f"{e}: {text[-200:]!r}")
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    rng = random.Random(20)
+    procs = [subprocess.Popen([*CLI, "register", f"new_{i}", str(data), "--dataset-info", str(info)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env()) for i in range(20)]
+    victims = rng.sample(procs, 10)
+    start = time.monotonic()
+    at_random = sorted((start + rng.uniform(0.3, 2.5), id(p), p) for p in victims[:5])
+    mid_write = {p.pid: p for p in victims[5:]}
+    caught_mid_write = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            while at_random and at_random[0][0] <= time.monotonic():
+                at_random.pop(0)[2].kill()  # a no-op for one that has finished
+            for tmp in temps(tmp_path, "dataset_info.json"):
+                p = mid_write.pop(int(tmp.name.split(".")[-3].split("-")[0]), None)
+                if p is not None and p.poll() is None:
+                    p.send_signal(signal.SIGSTOP)
+                    while _state(p.pid) not in "TZ":
+                        time.sleep(0.001)
+                    caught_mid_write += _state(p.pid) == "T" and tmp.exists()
+                    p.kill()
+            assert time.monotonic() < start + 60, "the registrations hang"
+            time.sleep(0.001)
+    finally:
+        for p in procs:
+            p.kill()
+        codes = [p.wait() for p in procs]
+        done.set()
+        watcher.join()
+    assert not bad_reads
+    assert caught_mid_write, "no writer was caught mid-write (5 tries): the kills tested nothing"
+    assert set(codes) <= {0, -signal.SIGKILL}, [p.stderr.read() for p in procs]
+
+    after = json.loads(info.read_text())
+    assert list(after)[:20_000] == list(existing) and {k: after[k] for k in existing} == existing
+    entry = {"file_name": "d.jsonl", "formatting": "alpaca",
+             "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    new = {k: v for k, v in after.items() if k not in existing}
+    assert all(v == entry for v in new.values()) and set(new) <= {f"new_{i}" for i in range(20)}
+    assert {f"new_{i}" for i, c in enumerate(codes) if c == 0} <= set(new)
+
+    # the next write removes whatever the killed writers left behind
+    atomic_write_text(info, info.read_text())
+    assert not temps(tmp_path)
+
+
+# ---- atomic_write's stale temp files -------------------------------------------------------------------------
+WRITER = """\
+import sys
+from llamafactory_ext.fileio import atomic_write
+with atomic_write(sys.argv[1]) as f:
+    f.write(sys.argv[2].encode())
+    f.flush()
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def start_writer(target: Path, text: str) -> subprocess.Popen:
+    """A process inside atomic_write(target) with `text` written, waiting for a line on stdin to finish."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), text], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=cli_env())
+    assert proc.stdout.readline() == b"ready\n"
+    return proc
+
+
+def test_stale_temps_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    target = tmp_path / "out.jsonl"
+    target.write_text("previous\n")
+    dead = start_writer(target, "killed half-way")
+    dead.kill()
+    dead.wait()
+    (stale,) = temps(tmp_path, "out.jsonl")
+    assert stale.name.startswith(f".out.jsonl.{dead.pid}-") and target.read_text() == "previous\n"
+    live = start_writer(target, "live writer\n")
+    (live_tmp,) = [p for p in temps(tmp_path, "out.jsonl") if p != stale]
+    # temp files that must survive although their PID is dead: another target's, another host's
+    other_target = tmp_path / f".out.jsonl.rejects.jsonl.{dead.pid}-{_host_tag()}.abcd1234.tmp"
+    other_host = tmp_path / f".out.jsonl.{dead.pid}-00000000.abcd1234.tmp"
+    other_target.write_text("x")
+    other_host.write_text("x")
+
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert not stale.exists()
+    assert live_tmp.read_text() == "live writer\n" and other_target.exists() and other_host.exists()
+
+    live.communicate(b"\n", timeout=30)
+    assert live.returncode == 0 and target.read_text() == "live writer\n" and not live_tmp.exists()
