@@ -72,16 +72,10 @@ def haystack_text(path: str | Path | None = None) -> str:
             raise UserError(f"--haystack {path} not found")
         return fallback_filler()
     if p.suffix == ".jsonl":
-        texts = []
-        with p.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p}:{i}: not JSON ({e})") from e
-                texts.append(next((row[k] for k in ("input", "text", "paper") if isinstance(row.get(k), str)), ""))
+        from llamafactory_ext.fileio import read_jsonl
+
+        texts = [next((row[k] for k in ("input", "text", "paper") if isinstance(row.get(k), str)), "")
+                 for _, row in read_jsonl(p, "--haystack")]
         text = "\n\n".join(t.strip() for t in texts if t.strip())
     else:
         text = p.read_text(encoding="utf-8")
