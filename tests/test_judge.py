@@ -95,7 +95,7 @@ class FakeJudge:
         self.requests = 0  # every POST, failures included
         self.answered = 0  # 200 answers
         self.auth: set[str] = set()
-        self.last_prompt = ""
+        self.prompts: list[str] = []  # every answered prompt (concurrent calls: any order)
         self.block_after: int | None = None
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -135,7 +135,7 @@ class FakeJudge:
                 answer = server.policy(pid.group(1) if pid else None, "A" if first.startswith("REVIEW-A") else "B")
                 with server.lock:
                     server.answered += 1
-                    server.last_prompt = prompt
+                    server.prompts.append(prompt)
                 self._send(200, {"id": "c", "object": "chat.completion", "created": 0, "model": req["model"],
                                  "choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": answer}}],
@@ -311,8 +311,8 @@ def test_default_b_is_the_gpt4o_slice_and_raw_reviews_render(tmp_path, sample_js
         assert summary["a_name"] == "mine" and summary["b_name"] == "gpt4o_reviews"
         assert len(summary["missing"]["in_b_not_a"]) == 33  # the other 33 sample papers
         gpt4o = {r["paper_id"]: r["output"] for r in rows}
-        assert gpt4o[rows[1]["paper_id"]] in s.last_prompt
-        assert "[... the rest of the paper is truncated ...]" in s.last_prompt
+        assert any(gpt4o[rows[1]["paper_id"]] in p for p in s.prompts)
+        assert all("[... the rest of the paper is truncated ...]" in p for p in s.prompts)
         out = capsys.readouterr().out
         assert "mine vs gpt4o_reviews" in out and re.search(r"tie\s+2\s+100\.0%", out)
 
@@ -320,7 +320,7 @@ def test_default_b_is_the_gpt4o_slice_and_raw_reviews_render(tmp_path, sample_js
         rc = cli.main(["judge", "--a", str(a), "--b", str(ROOT / "data/sample/gpt4o_reviews_raw.jsonl"),
                        "--papers", str(sample_jsonl), "--base-url", s.url, "--model", "m",
                        "--out", str(tmp_path / "o2"), "--limit", "1"])
-        assert rc == 0 and gpt4o[rows[0]["paper_id"]] in s.last_prompt
+        assert rc == 0 and gpt4o[rows[0]["paper_id"]] in s.prompts[-1]  # one pair: the last two calls
     finally:
         s.close()
 
