@@ -275,8 +275,8 @@ def cmd_sft(ns: argparse.Namespace) -> int:
         aside = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(aside)
         print(f"RESUME={ns.resume}: moved the previous run aside to {aside} (nothing deleted)")
-    elif ns.resume in (None, "auto"):
-        ck = last_checkpoint(out) if out.exists() else None
+    else:  # sft_args() already chose the checkpoint (auto) or checked the given one
+        ck = args.get("resume_from_checkpoint")
         print(f"resuming from {ck}" if ck else f"starting a new run in {out}")
     rdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(final, dump_yaml(args))
