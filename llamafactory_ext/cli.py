@@ -15,6 +15,8 @@ from llamafactory_ext import UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("llamafactory_ext.tiny", "build the tiny offline Mistral/Gemma models (cached)"),
+    "smollm2": ("llamafactory_ext.smollm2", "fetch, verify and convert SmolLM2-135M-Instruct (cached, offline after)"),
+    "recipes": ("llamafactory_ext.recipes", "list MODEL x DATA: shipped recipes and registered datasets"),
     "convert": ("llamafactory_ext.convert", "paper-review JSONL -> alpaca JSONL (validated, rejects kept)"),
     "truncate": ("llamafactory_ext.truncate", "cut papers (never reviews) to a token budget"),
     "split": ("llamafactory_ext.split", "split by paper into train/test and nested train subsets"),
