@@ -1,4 +1,8 @@
-"""Position-safe pairwise judge: which of two reviews of the same paper is better, per an LLM.
+"""Position-safe pairwise judge over an OpenAI-compatible chat API: transport, cache and the run.
+
+The protocol (prompt, the both-orders rule, verdict parsing, statistics) is `llamafactory_ext.judging`,
+pure and tested on its own. This module reads the inputs, asks the judge, keeps the answers and writes
+the results.
 
 A and B are JSONL files with `paper_id` and `review` (B may also be GPT-4o's structured reviews,
 rendered on the fly in the four-criteria layout); papers are JSONL with `paper_id` and `text` (or
@@ -6,15 +10,22 @@ rendered on the fly in the four-criteria layout); papers are JSONL with `paper_i
 side are reported. Any OpenAI-compatible chat endpoint works; the key comes from OPENAI_API_KEY or
 the variable named by --api-key-env and is never printed or written (a local server needs none).
 
-Every pair is judged twice, with the reviews' positions swapped. The judge ends its answer with
-`Verdict: A`, `Verdict: B` or `Verdict: tie` (A = the review shown first). A side wins the pair
-only if both orders pick it; otherwise the pair is a tie. An answer whose last non-empty line is
-not such a verdict makes the pair `invalid`: counted and reported, never guessed.
+Transport: the openai client's own retries (--max-retries; backoff 0.5 s doubling up to 8 s, with
+jitter; a server's Retry-After / retry-after-ms up to 120 s is obeyed) on timeouts, connection errors,
+HTTP 408/409/429 and 5xx. An HTTP 200 whose body is not a chat completion (not JSON, or no `choices`
+list) is retried the same way; if it persists the run stops, naming the endpoint and showing the start
+of the body. Other 4xx stop the run at once with a hint.
 
-Output in --out: summary.json (n; win/tie/loss/invalid rates of A against B over all pairs, counts,
-95% Wilson intervals), verdicts.jsonl (per paper: both raw answers, both verdicts, the outcome),
-winrate.png, and cache.jsonl: every answered call, keyed by a hash of the model, the messages and
-the generation settings, so re-running the same command after a crash asks only what is missing.
+Output in --out: summary.json (n; win/tie/loss/invalid rates of A against B with 95% Wilson
+intervals; the headline win rate over valid pairs, (win + tie/2) / valid, with its interval; an exact
+sign test on the decisive pairs), verdicts.jsonl (per paper: both raw answers, both verdicts, the
+outcome), winrate.png, and two append-only answer files keyed by a hash of the endpoint, the model,
+the messages and the generation settings:
+  cache.jsonl    answers that carry a verdict; every re-run reuses them (after a crash it asks only
+                 what is missing);
+  invalid.jsonl  answers without one (no choices, empty content, no verdict line), with the reason.
+                 They never enter the cache: a re-run reports them again without asking (same request,
+                 same judge), `--retry-invalid` asks them again.
 
     llamafactory-ext judge --a runs/tiny_sample/predict/temp_0.35/reviews.jsonl \\
         --papers data/sample/paper_review.jsonl --base-url http://127.0.0.1:8000/v1 --model gpt-4o \\
@@ -26,124 +37,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
-import random
-import re
 import sys
 import threading
-import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from urllib.parse import urlparse
 
 from llamafactory_ext import UserError
 from llamafactory_ext.fileio import atomic_write, atomic_write_text, read_jsonl
+from llamafactory_ext.judging import OUTCOMES, build_messages, combine, parse_verdict, summarize, why_invalid
 
 DEFAULT_B = Path(__file__).resolve().parent.parent / "data" / "sample" / "gpt4o_reviews.jsonl"
-OUTCOMES = ("win", "tie", "loss", "invalid")
-RETRY_STATUS = {408, 409, 429}  # plus every 5xx
-
-SYSTEM_PROMPT = (
-    "You are an experienced area chair of a top machine learning conference. You compare two peer "
-    "reviews of the same paper and decide which one is more useful to the authors and to the program "
-    "committee."
-)
-USER_TEMPLATE = """Below are a paper and two reviews of it, Review A and Review B.
-
-Decide which review is better: more accurate about what the paper actually does, more specific and \
-grounded in its content, more insightful about its significance, strengths and weaknesses, and more \
-actionable in its suggestions. Do not prefer a review because it is longer, because of its position, \
-or because of its formatting. If they are equally good, answer tie.
-
-<paper>
-{paper}
-</paper>
-
-<review_a>
-{first}
-</review_a>
-
-<review_b>
-{second}
-</review_b>
-
-Explain your reasoning briefly, then end with a final line that is exactly one of:
-Verdict: A
-Verdict: B
-Verdict: tie"""
-
-
-# ----------------------------------------------------------------------------- pure logic
-def build_messages(paper: str, first: str, second: str, max_paper_chars: int | None) -> list[dict]:
-    """The chat messages for one call; `first` is shown as Review A."""
-    if max_paper_chars and len(paper) > max_paper_chars:
-        paper = paper[:max_paper_chars].rstrip() + "\n[... the rest of the paper is truncated ...]"
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": USER_TEMPLATE.format(paper=paper, first=first, second=second)}]
-
-
-_VERDICT_RE = re.compile(
-    r"(?:final\s+)?verdict\s*[:：=\-–]?\s*[*_`\"'\[(]*\s*(?:review\s+)?(a|b|tie)\s*[*_`\"'\])]*",
-    re.IGNORECASE,
-)
-
-
-def parse_verdict(answer: str | None) -> str | None:
-    """'A', 'B' or 'tie' from the LAST non-empty line of an answer; None if that line is no verdict.
-
-    Tolerated: Markdown emphasis/heading/quote marks around the line or the letter, a trailing
-    period or '!', any case, "Final verdict", "Review A". Not tolerated (None): a verdict that is
-    not on the last line, "A or B", anything else after the letter.
-    """
-    if not isinstance(answer, str):
-        return None
-    lines = [ln.strip() for ln in answer.strip().split("\n") if ln.strip()]
-    if not lines:
-        return None
-    line = re.sub(r"^[\s>*_`#\-]+", "", lines[-1])
-    line = re.sub(r"[\s*_`.!]+$", "", line)
-    m = _VERDICT_RE.fullmatch(line)
-    if not m:
-        return None
-    v = m.group(1).lower()
-    return "tie" if v == "tie" else v.upper()
-
-
-def combine(verdict_ab: str | None, verdict_ba: str | None) -> str:
-    """Outcome for side A from the verdict with A shown first and the one with B shown first."""
-    if verdict_ab is None or verdict_ba is None:
-        return "invalid"
-    pick_ab = verdict_ab  # A first: "A" means side A
-    pick_ba = {"A": "B", "B": "A", "tie": "tie"}[verdict_ba]  # B first: "A" means side B
-    if pick_ab == pick_ba == "A":
-        return "win"
-    if pick_ab == pick_ba == "B":
-        return "loss"
-    return "tie"
-
-
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval for k successes out of n."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return (lo, hi)
-
-
-def summarize(outcomes: list[str]) -> dict:
-    n = len(outcomes)
-    counts = {o: outcomes.count(o) for o in OUTCOMES}
-    out: dict = {"n": n}
-    out.update({o: counts[o] / n if n else 0.0 for o in OUTCOMES})
-    out["counts"] = counts
-    out["ci95"] = {o: list(wilson(counts[o], n)) for o in OUTCOMES}
-    return out
+RETRYABLE = {408, 409, 429}  # plus every 5xx: what the openai client retries
+MALFORMED = "x-llamafactory-ext-malformed-200"  # header of the stand-in for a 200 that is no chat completion
 
 
 def cache_key(model: str, messages: list[dict], params: dict) -> str:
@@ -201,86 +108,96 @@ def load_pairs(a_path: Path, b_path: Path, papers_path: Path) -> tuple[list[tupl
     return pairs, missing
 
 
-# ----------------------------------------------------------------------------- calling
-class Cache:
-    """Append-only JSONL of answered calls; each line is flushed to disk as soon as it is written."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.answers: dict[str, str] = {}
-        self.skipped = 0
-        if path.exists():
-            raw = path.read_bytes()
-            for line in raw.decode("utf-8", errors="replace").split("\n"):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    self.answers[rec["key"]] = rec["answer"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.skipped += 1  # a line cut short by a crash: that call is asked again
-            if raw and not raw.endswith(b"\n"):
-                with path.open("ab") as f:
-                    f.write(b"\n")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def put(self, key: str, answer: str) -> None:
-        line = json.dumps({"key": key, "answer": answer}, ensure_ascii=False) + "\n"
-        with self._lock:
-            self.answers[key] = answer
-            self._f.write(line)
-            self._f.flush()
-            os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def _retry_after(err) -> float | None:
-    resp = getattr(err, "response", None)
+# ----------------------------------------------------------------------------- transport
+def _malformed(body: bytes) -> str | None:
+    """None if an HTTP 200 body is a chat completion (a JSON object with a `choices` list), else why not."""
     try:
-        value = resp.headers.get("retry-after") if resp is not None else None
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+        data = json.loads(body)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return "a body that is not JSON"
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        return "JSON that is not a chat completion (no 'choices' list)"
+    return None
 
 
-def ask(client, model: str, messages: list[dict], params: dict, max_retries: int, backoff: float,
-        sleep=time.sleep, stop: threading.Event | None = None) -> str:
-    """One chat completion, retried with exponential backoff + jitter on 429/5xx/timeouts/connection errors.
+def _start(body: bytes, n: int = 200) -> str:
+    text = body.decode("utf-8", errors="replace")
+    return repr(text[:n]) + (" ..." if len(text) > n else "")
 
-    `stop` (set when another call failed for good) ends the retries early.
+
+def make_client(base_url: str, api_key: str, timeout: float, max_retries: int):
+    """An openai client whose retries also cover an HTTP 200 that is not a chat completion.
+
+    The openai client parses a 200 after its retry loop, so a malformed one would end the call at once
+    (a bare JSONDecodeError, or a str where a completion was expected). Its HTTP client hands such a
+    response on as a 502 with `x-should-retry: true` (and the server's Retry-After, if any) whose error
+    message names the endpoint and shows the start of the body: retried like any server error.
     """
+    import httpx2  # openai's own HTTP library (openai is pinned, so is this)
     import openai
 
-    for attempt in range(max_retries + 1):
-        try:
-            resp = client.chat.completions.create(model=model, messages=messages, **params)
-            if not resp.choices:
-                return ""
-            return resp.choices[0].message.content or ""
-        except openai.APIStatusError as e:
-            if e.status_code not in RETRY_STATUS and e.status_code < 500:
-                hint = {401: " (check the key: OPENAI_API_KEY or --api-key-env)",
-                        403: " (check the key's permissions)",
-                        404: " (check --base-url, which usually ends in /v1, and --model)",
-                        400: " (a too long prompt? lower --max-paper-chars)"}.get(e.status_code, "")
-                raise UserError(f"the judge endpoint refused the request: HTTP {e.status_code}: "
-                                f"{str(e)[:300]}{hint}") from None
-            err = e
-        except (openai.APITimeoutError, openai.APIConnectionError) as e:
-            err = e
-        if stop is not None and stop.is_set():
-            raise RuntimeError("stopped: another judge call failed")
-        if attempt == max_retries:
-            kind = f"HTTP {err.status_code}" if isinstance(err, openai.APIStatusError) else type(err).__name__
-            raise RuntimeError(f"gave up after {max_retries + 1} attempts, last error: {kind}: {str(err)[:200]}")
-        delay = min(backoff * 2 ** attempt, 60.0) * random.uniform(0.5, 1.5)
-        ra = _retry_after(err)
-        sleep(min(max(delay, ra), 120.0) if ra is not None else delay)
-    raise AssertionError("unreachable")
+    class CheckedHttpClient(openai.DefaultHttpxClient):
+        def send(self, request, **kwargs):
+            response = super().send(request, **kwargs)
+            if response.status_code != 200:
+                return response
+            body = response.read()
+            problem = _malformed(body)
+            if problem is None:
+                return response
+            response.close()
+            headers = {k: v for k, v in response.headers.items() if k.lower() in ("retry-after", "retry-after-ms")}
+            headers.update({"x-should-retry": "true", MALFORMED: "1"})
+            message = f"{request.url} answered HTTP 200 with {problem}: {_start(body)}"
+            return httpx2.Response(502, headers=headers, request=request, json={"error": {"message": message}})
+
+    return openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
+                         http_client=CheckedHttpClient(timeout=timeout))
+
+
+def ask(client, model: str, messages: list[dict], params: dict) -> tuple[str, str | None]:
+    """One chat completion (the client retries): (answer, None), or (answer, why it has no verdict)."""
+    import openai
+
+    try:
+        resp = client.chat.completions.create(model=model, messages=messages, **params)
+    except openai.APIError as e:
+        raise _failure(e) from None
+    if not resp.choices:
+        return "", "the response had no choices"
+    content = getattr(getattr(resp.choices[0], "message", None), "content", None)
+    text = content if isinstance(content, str) else ""
+    if not text.strip():
+        return text, f"empty content (finish_reason {getattr(resp.choices[0], 'finish_reason', None)!r})"
+    return text, why_invalid(text)
+
+
+def _failure(err) -> Exception:
+    """The openai client's final error as a message that names the endpoint and the number of attempts."""
+    import openai
+
+    url = err.request.url
+    try:  # the openai client numbers each attempt in this header; this is the last one
+        attempts = 1 + int(err.request.headers.get("x-stainless-retry-count", "0"))
+    except ValueError:
+        attempts = 1
+    tried = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''}"
+    if isinstance(err, openai.APIStatusError):
+        if err.response.headers.get(MALFORMED):
+            return RuntimeError(f"{tried}: {err.response.json()['error']['message']}")
+        code = err.status_code
+        if code in RETRYABLE or code >= 500:
+            hint = " (rate limited: lower --concurrency or try later)" if code == 429 else ""
+            return RuntimeError(f"{tried}, last error: HTTP {code} from {url}: {str(err)[:300]}{hint}")
+        hint = {401: " (check the key: OPENAI_API_KEY or --api-key-env)",
+                403: " (check the key's permissions)",
+                404: " (check --base-url, which usually ends in /v1, and --model)",
+                400: " (a too long prompt? lower --max-paper-chars)"}.get(code, "")
+        return UserError(f"the judge endpoint {url} refused the request: HTTP {code}: {str(err)[:300]}{hint}")
+    if isinstance(err, openai.APITimeoutError):
+        return RuntimeError(f"{tried}: {url} did not answer within --timeout")
+    cause = err.__cause__ or err
+    return RuntimeError(f"{tried}: cannot reach {url}: {type(cause).__name__}: {str(cause)[:200]}")
 
 
 def _api_key(env_var: str | None, base_url: str) -> str:
@@ -295,13 +212,81 @@ def _api_key(env_var: str | None, base_url: str) -> str:
     raise UserError("no API key: set OPENAI_API_KEY (or name another variable with --api-key-env)")
 
 
+# ----------------------------------------------------------------------------- cache
+class Cache:
+    """cache.jsonl (answers with a verdict) and invalid.jsonl (answers without one, with the reason).
+
+    Both are append-only; each line is flushed and fsynced as it is written. A line cut short by a
+    crash is skipped (that call is asked again). A cache.jsonl line without a verdict (written by an
+    older version, which cached empty answers) counts as an invalid answer, not as a cached one.
+    """
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.valid: dict[str, str] = {}
+        self.invalid: dict[str, tuple[str, str]] = {}  # key -> (answer, reason)
+        self.skipped = 0
+        for rec in self._load(folder / "invalid.jsonl"):
+            self.invalid[rec["key"]] = (rec["answer"], str(rec.get("reason") or why_invalid(rec["answer"])))
+        for rec in self._load(folder / "cache.jsonl"):
+            reason = why_invalid(rec["answer"])
+            if reason is None:
+                self.valid[rec["key"]] = rec["answer"]
+                self.invalid.pop(rec["key"], None)
+            elif rec["key"] not in self.valid:
+                self.invalid.setdefault(rec["key"], (rec["answer"], reason))
+        self._files = {name: (folder / name).open("a", encoding="utf-8") for name in ("cache.jsonl", "invalid.jsonl")}
+        self._lock = threading.Lock()
+
+    def _load(self, path: Path) -> list[dict]:
+        if not path.exists():
+            return []
+        raw = path.read_bytes()
+        out = []
+        for line in raw.decode("utf-8", errors="replace").split("\n"):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if isinstance(rec["key"], str) and isinstance(rec["answer"], str):
+                    out.append(rec)
+                    continue
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+            self.skipped += 1
+        if raw and not raw.endswith(b"\n"):
+            with path.open("ab") as f:
+                f.write(b"\n")
+        return out
+
+    def put(self, key: str, answer: str, reason: str | None) -> None:
+        rec = {"key": key, "answer": answer} if reason is None else {"key": key, "answer": answer, "reason": reason}
+        line = json.dumps(rec, ensure_ascii=False) + "\n"
+        f = self._files["cache.jsonl" if reason is None else "invalid.jsonl"]
+        with self._lock:
+            if reason is None:
+                self.valid[key] = answer
+                self.invalid.pop(key, None)
+            else:
+                self.invalid[key] = (answer, reason)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def get(self, key: str) -> tuple[str, str | None]:
+        return (self.valid[key], None) if key in self.valid else self.invalid[key]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
 # ----------------------------------------------------------------------------- the run
 def judge(a: Path, b: Path, papers: Path, base_url: str, model: str, out: Path, *, api_key: str,
           concurrency: int = 4, max_retries: int = 5, timeout: float = 120.0, limit: int | None = None,
           max_paper_chars: int | None = 60000, temperature: float = 0.0, max_tokens: int = 1024,
-          backoff: float = 1.0, a_name: str = "A", b_name: str = "B") -> dict:
+          retry_invalid: bool = False, a_name: str = "A", b_name: str = "B") -> dict:
     """Judge every matched pair twice; write summary.json, verdicts.jsonl, winrate.png; return the summary."""
-    import openai
     from tqdm import tqdm
 
     if concurrency < 1 or max_retries < 0 or (limit is not None and limit < 1):
@@ -325,14 +310,17 @@ def judge(a: Path, b: Path, papers: Path, base_url: str, model: str, out: Path, 
             msgs = build_messages(paper, first, second, max_paper_chars)
             calls.append((pid, order, cache_key(model, msgs, key_params), msgs))
 
-    out.mkdir(parents=True, exist_ok=True)
-    cache = Cache(out / "cache.jsonl")
-    todo = {}
-    for _pid, _order, key, msgs in calls:
-        if key not in cache.answers:
-            todo.setdefault(key, msgs)
-    n_cached = len({c[2] for c in calls}) - len(todo)
-    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+    cache = Cache(out)
+    todo: dict[str, list[dict]] = {}
+    n_cached = n_reused = 0
+    for key, msgs in {c[2]: c[3] for c in calls}.items():
+        if key in cache.valid:
+            n_cached += 1
+        elif key in cache.invalid and not retry_invalid:
+            n_reused += 1
+        else:
+            todo[key] = msgs
+    client = make_client(base_url, api_key, timeout, max_retries)
 
     stop = threading.Event()  # set by the first call that fails for good: nothing new is started
 
@@ -340,18 +328,18 @@ def judge(a: Path, b: Path, papers: Path, base_url: str, model: str, out: Path, 
         if stop.is_set():
             return
         try:
-            cache.put(key, ask(client, model, msgs, params, max_retries, backoff, stop=stop))
+            cache.put(key, *ask(client, model, msgs, params))
         except BaseException:
             stop.set()
             raise
 
-    bar = tqdm(total=len(todo) + n_cached, initial=n_cached, desc="judge calls", unit="call", file=sys.stderr,
+    n_known = n_cached + n_reused
+    bar = tqdm(total=len(todo) + n_known, initial=n_known, desc="judge calls", unit="call", file=sys.stderr,
                disable=None)
     pool = ThreadPoolExecutor(max_workers=concurrency)
     interrupted = False
     try:
-        futures = {pool.submit(work, k, m) for k, m in todo.items()}
-        pending = futures
+        pending = {pool.submit(work, k, m) for k, m in todo.items()}
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=1.0)
             bar.update(len(done))
@@ -359,44 +347,40 @@ def judge(a: Path, b: Path, papers: Path, base_url: str, model: str, out: Path, 
             if failed:
                 for f in pending:
                     f.cancel()
-                wait(pending)  # calls in flight finish (and are cached) before we report
-                first = [f.exception() for f in failed if "stopped:" not in str(f.exception())]
-                exc = first[0] if first else failed[0].exception()
-                n_done = sum(1 for k in todo if k in cache.answers)
+                wait(pending)  # calls in flight finish (and are kept) before we report
+                exc = failed[0].exception()
+                n_done = sum(1 for k in todo if k in cache.valid or k in cache.invalid)
                 msg = str(exc) if isinstance(exc, UserError) else f"a judge call failed: {exc}"
-                raise UserError(f"{msg}. {n_cached + n_done} of {n_cached + len(todo)} answers are saved in "
-                                f"{cache.path}; re-run the same command to ask only the rest")
+                raise UserError(f"{msg}. {n_known + n_done} of {n_known + len(todo)} answers are saved in "
+                                f"{out}; re-run the same command to ask only the rest")
     except KeyboardInterrupt:
-        interrupted = True  # do not wait for calls in flight; what is answered is already cached
+        interrupted = True  # do not wait for calls in flight; what is answered is already on disk
         raise
     finally:
-        # After a failed call, let the calls in flight finish so their answers are cached too.
         pool.shutdown(wait=not interrupted, cancel_futures=True)
         bar.close()
         cache.close()
+        client.close()
 
-    answers = cache.answers
-    by_pair = {(pid, order): answers[key] for pid, order, key, _ in calls}
-    verdicts, outcomes = [], []
+    key_of = {(pid, order): key for pid, order, key, _ in calls}
+    verdicts = []
     for pid, *_ in pairs:
-        ans_ab, ans_ba = by_pair[(pid, "ab")], by_pair[(pid, "ba")]
-        v_ab, v_ba = parse_verdict(ans_ab), parse_verdict(ans_ba)
-        outcome = combine(v_ab, v_ba)
-        outcomes.append(outcome)
-        verdicts.append({"paper_id": pid, "answer_a_first": ans_ab, "verdict_a_first": v_ab,
-                         "answer_b_first": ans_ba, "verdict_b_first": v_ba, "outcome": outcome})
-
-    summary = summarize(outcomes)
-    valid = [v for v in verdicts if v["outcome"] != "invalid"]
+        rec: dict = {"paper_id": pid}
+        for order, side in (("ab", "a_first"), ("ba", "b_first")):
+            answer, reason = cache.get(key_of[(pid, order)])
+            rec.update({f"answer_{side}": answer, f"verdict_{side}": parse_verdict(answer) if reason is None else None,
+                        f"invalid_reason_{side}": reason})
+        rec["outcome"] = combine(rec["verdict_a_first"], rec["verdict_b_first"])
+        verdicts.append(rec)
+    summary = summarize([(v["verdict_a_first"], v["verdict_b_first"]) for v in verdicts])
+    n_invalid_answers = sum((v["invalid_reason_a_first"] is not None) + (v["invalid_reason_b_first"] is not None)
+                            for v in verdicts)
     summary.update({
         "a": str(a), "b": str(b), "papers": str(papers), "a_name": a_name, "b_name": b_name,
         "model": model, "base_url": base_url, "temperature": temperature, "max_tokens": max_tokens,
-        "max_paper_chars": max_paper_chars,
-        # How often the review shown first was picked, over the valid answers: a position-bias gauge.
-        "first_position_pick_rate": (sum((v["verdict_a_first"] == "A") + (v["verdict_b_first"] == "A")
-                                         for v in valid) / (2 * len(valid))) if valid else None,
-        "missing": missing,
-        "calls": {"total": len(calls), "asked_now": len(todo), "from_cache": n_cached},
+        "max_paper_chars": max_paper_chars, "missing": missing,
+        "calls": {"total": len(calls), "asked_now": len(todo), "from_cache": n_cached,
+                  "invalid_reused": n_reused, "invalid_answers": n_invalid_answers},
     })
     with atomic_write(out / "verdicts.jsonl", "w", encoding="utf-8") as f:
         for v in verdicts:
@@ -406,34 +390,73 @@ def judge(a: Path, b: Path, papers: Path, base_url: str, model: str, out: Path, 
     return summary
 
 
+# ----------------------------------------------------------------------------- report
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def headline(s: dict) -> list[str]:
+    """The win rate over valid pairs with its interval, and the sign test: two lines."""
+    w, t = s["win_rate"], s["sign_test"]
+    if w["value"] is None:
+        rate = "win rate over valid pairs: n/a (no valid pair)"
+    else:
+        lo, hi = w["ci95"]
+        rate = (f"win rate {s['a_name']} over {s['b_name']} (win + tie/2, {w['valid']} valid pairs): "
+                f"{_pct(w['value'])}  95% CI [{_pct(lo)}, {_pct(hi)}]")
+    sign = (f"sign test, {t['decisive']} decisive pairs ({t['wins']} won, {t['losses']} lost): "
+            f"p = {t['p_value']:.3g} (exact, two-sided)")
+    return [rate, sign]
+
+
 def format_table(s: dict) -> str:
-    rows = [f"{s['a_name']} vs {s['b_name']}   judge: {s['model']}   pairs: {s['n']}",
+    rows = [f"{s['a_name']} vs {s['b_name']}   judge: {s['model']}   pairs: {s['n']}", *headline(s),
             f"{'outcome':<8} {'count':>6} {'rate':>7}   95% CI (Wilson)"]
     for o in OUTCOMES:
         lo, hi = s["ci95"][o]
         rows.append(f"{o:<8} {s['counts'][o]:>6} {100 * s[o]:>6.1f}%   [{100 * lo:5.1f}%, {100 * hi:5.1f}%]")
     if s.get("first_position_pick_rate") is not None:
-        rows.append(f"first-shown review picked in {100 * s['first_position_pick_rate']:.1f}% of valid answers")
+        rows.append(f"first-shown review picked in {_pct(s['first_position_pick_rate'])} of valid answers")
     return "\n".join(rows)
 
 
-def plot(s: dict, path: Path) -> None:
-    """Bar chart of the four outcome rates with their Wilson intervals."""
+def figure(s: dict):
+    """Left: the four outcome rates with Wilson intervals. Right: the headline win rate and the sign test."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(7.5, 3.8), dpi=120, gridspec_kw={"width_ratios": [4, 1.6]})
     rates = [100 * s[o] for o in OUTCOMES]
     lo = [max(0.0, 100 * (s[o] - s["ci95"][o][0])) for o in OUTCOMES]  # max: float noise at 0 / n
     hi = [max(0.0, 100 * (s["ci95"][o][1] - s[o])) for o in OUTCOMES]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
     ax.bar([f"{o}\n({s['counts'][o]})" for o in OUTCOMES], rates, yerr=[lo, hi], capsize=5,
            color=["#2a9d8f", "#adb5bd", "#e76f51", "#6c757d"])
     ax.set_ylim(0, 100)
     ax.set_ylabel("% of pairs (95% Wilson CI)")
     ax.set_title(f"{s['a_name']} vs {s['b_name']} (n={s['n']}, judge {s['model']})", fontsize=9)
+
+    w, t = s["win_rate"], s["sign_test"]
+    hx.axhline(50, color="#6c757d", linestyle="--", linewidth=1)
+    hx.set_ylim(0, 100)
+    hx.set_xlim(-0.8, 0.8)
+    if w["value"] is not None:
+        v, (wlo, whi) = 100 * w["value"], w["ci95"]
+        hx.bar([0], [v], yerr=[[max(0.0, v - 100 * wlo)], [max(0.0, 100 * whi - v)]], capsize=5, color="#264653")
+        label = f"win rate {v:.1f}%\n[{100 * wlo:.1f}, {100 * whi:.1f}]"
+    else:
+        label = "win rate: n/a"
+    hx.set_xticks([0], [f"{label}\n(valid pairs: {w['valid']})"])
+    hx.set_title(f"(win + tie/2) / valid\nsign test p = {t['p_value']:.3g}", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot(s: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(s)
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
@@ -450,12 +473,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--papers", required=True, metavar="PAPERS.jsonl", help="paper_id + text (or input)")
     p.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", required=True, help="judge model name")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (also holds the cache)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (also holds the answer cache)")
     p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the key (default OPENAI_API_KEY)")
     p.add_argument("--concurrency", type=int, default=4, help="parallel requests (default 4)")
-    p.add_argument("--max-retries", type=int, default=5, help="retries per call on 429/5xx/timeouts (default 5)")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="retries per call on timeouts, connection errors, 408/409/429/5xx and malformed 200s "
+                        "(the openai client's backoff, Retry-After obeyed; default 5)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
+    p.add_argument("--retry-invalid", action="store_true",
+                   help="ask again the calls whose previous answer had no verdict (listed in OUT/invalid.jsonl)")
     p.add_argument("--limit", type=int, help="judge only the first N pairs")
     p.add_argument("--max-paper-chars", type=int, default=60000,
                    help="cut the paper shown to the judge to N characters (default 60000; 0 = no cut)")
@@ -472,8 +498,13 @@ def run(args: argparse.Namespace) -> int:
         api_key=_api_key(args.api_key_env, args.base_url), concurrency=args.concurrency,
         max_retries=args.max_retries, timeout=args.timeout, limit=args.limit,
         max_paper_chars=args.max_paper_chars or None, temperature=args.temperature, max_tokens=args.max_tokens,
-        backoff=args.backoff, a_name=args.a_name or _side_name(a), b_name=args.b_name or _side_name(b),
+        retry_invalid=args.retry_invalid, a_name=args.a_name or _side_name(a), b_name=args.b_name or _side_name(b),
     )
     print(format_table(summary))
+    n_bad = summary["calls"]["invalid_answers"]
+    if n_bad:
+        kept = "kept from the last run; " if summary["calls"]["invalid_reused"] else ""
+        print(f"{n_bad} answer(s) had no verdict ({kept}reasons in {Path(args.out) / 'invalid.jsonl'}); "
+              f"--retry-invalid asks them again", file=sys.stderr)
     print(f"wrote {Path(args.out) / 'summary.json'}, verdicts.jsonl, winrate.png", file=sys.stderr)
     return 0
