@@ -164,3 +164,93 @@ def test_dynamic_ntk_reset_after_a_long_batch(no_patch, expected):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == expected
+
+
+# ----------------------------------------------------------------------------- the plugin's guard and hook
+def test_guard_pins_are_the_pyproject_pins():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = dict(d.split("==") for d in deps if "==" in d)
+    assert {k: pinned[k] for k in patches.PINS} == patches.PINS
+
+
+def test_preflight_passes_in_this_venv_and_names_each_failure(monkeypatch, tmp_path):
+    assert patches.preflight() is None  # .pth installed, no opt-out, pinned versions, known function texts
+    monkeypatch.setenv("LLAMAFACTORY_EXT_NO_PATCH", "1")
+    assert "LLAMAFACTORY_EXT_NO_PATCH=1 turns the fixes off" in patches.preflight()
+    monkeypatch.delenv("LLAMAFACTORY_EXT_NO_PATCH")
+    monkeypatch.setattr(patches, "PTH_NAME", "not_installed.pth")
+    assert "not_installed.pth is missing" in patches.preflight()
+    monkeypatch.undo()
+    monkeypatch.setitem(patches.FINGERPRINTS, patches.ROPE_MODULE, ("configure_rope", "0" * 64))
+    reason = patches.preflight()
+    assert "llamafactory.model.model_utils.rope.configure_rope is not the code the fix was written for" in reason
+    monkeypatch.undo()
+    monkeypatch.setitem(patches.PINS, "transformers", "5.7.0")
+    patches.versions_reason.cache_clear()
+    try:
+        assert patches.preflight() == "transformers 5.6.0 is installed, the fixes were written for 5.7.0"
+    finally:
+        monkeypatch.undo()
+        patches.versions_reason.cache_clear()
+    assert patches.preflight() is None
+
+
+def test_fingerprint_is_the_text_of_one_function(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import x\n\n\ndef f(a,\n      b):\n    return a\n\n\ndef g():\n    pass\n")
+    first = patches.fingerprint(src, "f")
+    src.write_text("import x\n\n\ndef f(a,\n      b):\n    return a\n\n\ndef g():\n    return 1\n")
+    assert patches.fingerprint(src, "f") == first  # another function changed: same fingerprint
+    src.write_text("import x\n\n\ndef f(a,\n      b):\n    return b\n\n\ndef g():\n    return 1\n")
+    assert patches.fingerprint(src, "f") != first
+    assert patches.fingerprint(src, "h") is None and patches.fingerprint(tmp_path / "none.py", "f") is None
+
+
+GUARD_PROBE = """
+import sys
+from llamafactory_ext import patches
+{setup}
+import transformers.modeling_rope_utils as hf
+import llamafactory.model.model_utils.rope as rope
+import llamafactory.train.tuner as tuner
+print("hf", getattr(hf.dynamic_rope_update, "_llamafactory_ext_fixed", False))
+print("rope", rope.configure_rope is patches.fixed_configure_rope)
+print("tuner", getattr(tuner._training_function, "_llamafactory_ext_fixed", False))
+"""
+
+
+@pytest.mark.parametrize(("setup", "expected", "message"), [
+    ("", {"hf": "True", "rope": "True", "tuner": "True"}, None),
+    ("patches.PINS['llamafactory'] = '0.9.6'", {"hf": "False", "rope": "False", "tuner": "False"},
+     "llamafactory_ext: fixes NOT applied (stock LLaMA-Factory/transformers code runs): llamafactory 0.9.5 is "
+     "installed, the fixes were written for 0.9.6"),
+    ("patches.FINGERPRINTS[patches.ROPE_MODULE] = ('configure_rope', '0' * 64)",
+     {"hf": "True", "rope": "False", "tuner": "True"},
+     "llamafactory_ext: fixes NOT applied (stock LLaMA-Factory/transformers code runs): "
+     "llamafactory.model.model_utils.rope.configure_rope is not the code the fix was written for"),
+])
+def test_a_version_or_code_mismatch_prints_one_line_and_patches_nothing(setup, expected, message):
+    """The real import hook in a fresh interpreter: only code whose release and text we know gets replaced."""
+    p = subprocess.run([sys.executable, "-c", GUARD_PROBE.format(setup=setup)], env=cli_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert dict(line.split() for line in p.stdout.splitlines()) == expected
+    ours = [line for line in p.stderr.splitlines() if line.startswith("llamafactory_ext:")]
+    if message is None:
+        assert ours == []
+    else:
+        assert len(ours) == 1 and ours[0].startswith(message), p.stderr[-2000:]
+
+
+def test_python_dash_m_runs_a_hooked_module():
+    """runpy asks the loader for get_code: the hook's loader delegates it to the module's own loader."""
+    p = subprocess.run([sys.executable, "-m", patches.ROPE_MODULE], env=cli_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0 and "AttributeError" not in p.stderr, p.stderr[-3000:]
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers.modeling_rope_utils")  # through the hook's finder
+    assert isinstance(spec.loader, patches._PatchingLoader)
+    assert "def dynamic_rope_update" in spec.loader.get_source(spec.name)
