@@ -10,7 +10,7 @@ Units: GiB (2^30 bytes) everywhere. `--gpu-mem` is the memory the GPU really has
 because ECC keeps 1/16 of it. `--gpu a40` fills that in. The seed's "33 GB / 47 GB" readings are decimal
 GB (47 GiB would not even fit on an A40).
 
-The model (checked against the seed's runs; see tests/test_plan.py), for T = batch x cutoff tokens per micro-step:
+The model, for T = batch x cutoff tokens per micro-step:
 
     peak = W + S + C + T x (c_ckpt + c_layer + c_head) + attention s^2 terms
 
@@ -21,8 +21,9 @@ The model (checked against the seed's runs; see tests/test_plan.py), for T = bat
   upcasts them to fp32). Under DeepSpeed ZeRO-1/2 (which casts the model to bf16): bf16 weight + bf16
   grad + fp32 master + fp32 grad + m + v = 20 B/param (the fp32 parts split over the GPUs), plus its
   gradient bucket (reduce_bucket_size x 2 B).
-* C: CUDA context and cuBLAS workspaces (0.6 GiB) plus two dequantized bf16 copies of the largest
-  4-bit weight (forward and backward of bitsandbytes' matmul_4bit).
+* C: the CUDA context (0.6 GiB, outside PyTorch's allocator: in nvidia-smi, not in
+  max_memory_allocated/reserved) plus two dequantized bf16 copies of the largest 4-bit weight (forward
+  and backward of bitsandbytes' matmul_4bit).
 * c_ckpt, gradient checkpointing: one bf16 hidden state per layer and token, L x h x 2 B.
 * c_layer, the one layer that is recomputed during backward: what autograd saves (two RMSNorms keep an
   fp32 copy and their bf16 output, 12h; q/k/v after RoPE and the attention output; gate, up, act and
@@ -37,13 +38,27 @@ The model (checked against the seed's runs; see tests/test_plan.py), for T = bat
   cross entropy (`enable_liger_kernel: true`) never materialises the logits: ~4h per token; Liger also
   swaps RMSNorm (saves 4h less per norm) and the gated MLP (saves 2I less).
 
-The terms are added. That is what nvidia-smi shows with PyTorch's default caching allocator, which keeps
-the freed blocks of the loss and of the layer recompute reserved: it reproduces the seed's measurements
-(Mistral-7B at 12,288 tokens: 33 GB at batch 2, 47 GB at batch 3; gemma-7b: 9K fits an A40, 10K does
-not) and Unsloth's published HF+FA2 limits within ~8%. The live-tensor peak (`torch.cuda.
-max_memory_allocated`) is lower, c_ckpt + max(c_layer, c_head) per token; `allocated_gib` in the JSON.
-tests/test_plan.py checks those per-token terms against a live-tensor trace of a real LLaMA-Factory QLoRA
-step on CPU.
+How the terms compose is calibrated, not derived. The live tensors peak at c_ckpt + max(c_layer,
+c_head) per token (the loss backward and the layer recompute come one after the other); that is
+`torch.cuda.max_memory_allocated`, `allocated_gib` in the JSON. What nvidia-smi shows is higher, because
+PyTorch's caching allocator keeps freed blocks reserved; how much higher depends on block reuse, which
+this model does not simulate. `peak` ADDS the terms, c_ckpt + c_layer + c_head per token, because that
+rule is the one that reproduces the seed's runs on the A40 (Mistral-7B at 12,288 tokens: 33 GB at batch
+2, 47 GB at batch 3, predicted 33.1 / 45.3 GiB = 35.6 / 48.7 GB; gemma-7b: 9K fits, 10K does not). The
+live-tensor rule would predict 24.1 / 31.7 GiB for Mistral (22-28 % too little) and let gemma fit at
+10K. Three observations on one card and one software stack: treat the rule as a fit to them.
+
+Other published measurements (tests/fixtures/published_memory_points.json, with sources, checked by
+tests/test_plan.py) agree within 10 % (measured vs predicted) where their setup is expressible:
+torchtune's Llama-2-7B LoRA and QLoRA (+1 %, +6 %), litgpt's Llama-2-7B LoRA/QLoRA without
+checkpointing (-6 % to +9 %), Qwen-7B LoRA at 256-8,192 tokens (-7 % to +4 %). One known miss:
+Unsloth's "HF + FA2" column for Llama-3.1-8B QLoRA needs 24-36 % more memory than predicted (15-27 % if
+its "GB" are decimal); on 80 GB it reaches 28,454 tokens where the planner would allow 35,840. That
+column is one straight line (4 GB per 1,619 tokens from 9.7 GB at zero) on an unpublished
+transformers/peft setup; the planner does NOT reproduce it.
+tests/test_plan.py checks the per-token terms against a live-tensor trace of a real LLaMA-Factory QLoRA
+step on CPU; `plan --calibrate runs/*/` compares the prediction with the peaks every run records
+(`peak_memory.json`, written by llamafactory_ext.patches).
 """
 
 from __future__ import annotations
@@ -100,16 +115,18 @@ class Arch:
                 "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
 
 
-BUILTIN_ARCHS = {
-    "mistralai/Mistral-7B-Instruct-v0.2": Arch("mistralai/Mistral-7B-Instruct-v0.2", 4096, 32, 32, 8, 128, 14336,
-                                               32000, False, 32768),
-    "google/gemma-7b-it": Arch("google/gemma-7b-it", 3072, 28, 16, 16, 256, 24576, 256000, True, 8192),
-}
+# Keys that make a config.json a mixture-of-experts model (Mixtral, Qwen-MoE, DeepSeek, OLMoE, ...).
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def arch_from_config(cfg: dict, name: str) -> Arch:
     """Arch from a Hugging Face config.json dict (multimodal configs: their `text_config`)."""
     cfg = cfg.get("text_config") or cfg
+    experts = [(k, cfg[k]) for k in MOE_KEYS if isinstance(cfg.get(k), int) and cfg[k] > 1]
+    if experts:
+        k, v = experts[0]
+        raise UserError(f"{name}: config.json has {k}: {v}, a mixture-of-experts model; the planner models dense "
+                        "decoders only (it would count one MLP per layer instead of every expert's)")
     try:
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         tied_default = cfg.get("model_type", "").startswith("gemma")
@@ -126,16 +143,33 @@ def arch_from_config(cfg: dict, name: str) -> Arch:
                         "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size)") from e
 
 
+def builtin_archs(hub_only: bool = False) -> dict[str, Arch]:
+    """Family.model -> Arch of every family in llamafactory_ext/families.py that has an `arch`; hub_only: only
+    the models downloaded from a hub (the real 7B ones), not those built on this machine."""
+    from llamafactory_ext import families
+
+    return {f.model: arch_from_config(f.arch, f.model) for f in families.FAMILIES.values()
+            if f.arch and not (hub_only and f.local)}
+
+
 def resolve_arch(model: str, base: Path | None = None) -> Arch:
-    """A local model folder's config.json, else the built-in table of the seed's two models."""
+    """A local model folder's config.json, else a family's `arch`, matched by the family's `model` (hub id or
+    local build folder) or by its last path component (a local copy of the same model)."""
     for cand in [Path(model)] + ([base / model] if base is not None else []):
-        if (cand / "config.json").is_file():
-            return arch_from_config(json.loads((cand / "config.json").read_text()), model)
-    for key, arch in BUILTIN_ARCHS.items():
-        if model.lower() == key.lower() or model.rstrip("/").lower().endswith("/" + key.split("/")[1].lower()):
+        cfg_path = cand / "config.json"
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise UserError(f"{cfg_path}: not a readable JSON file ({e})") from e
+            return arch_from_config(cfg, model)
+    known = builtin_archs()
+    text = model.rstrip("/").lower()
+    for key, arch in known.items():
+        if text == key.lower() or text.endswith("/" + key.rsplit("/", 1)[-1].lower()):
             return arch
     raise UserError(f"model_name_or_path {model!r}: no config.json there and not a built-in architecture "
-                    f"({', '.join(BUILTIN_ARCHS)}); point it at a local model folder")
+                    f"({', '.join(known)}); point it at a local model folder")
 
 
 @dataclass(frozen=True)
@@ -334,6 +368,11 @@ class Estimate:
         return self.peak / GiB
 
     @property
+    def reserved(self) -> float:
+        """What torch.cuda.max_memory_reserved would show: the peak less the CUDA context."""
+        return self.peak - CUDA_CONTEXT
+
+    @property
     def fits(self) -> bool | None:
         return None if self.gpu_mem is None else self.peak <= self.gpu_mem * GiB
 
@@ -372,12 +411,11 @@ def estimate(arch: Arch, s: Setup, gpu_mem: float | None = None) -> Estimate:
     if s.ds_bucket:
         items.append(("deepspeed_buckets", "DeepSpeed contiguous-gradient bucket (reduce_bucket_size x 2 B)",
                       s.ds_bucket))
-    dequant = 0.0
+    items.append(("cuda_context", "CUDA context (outside PyTorch's allocator)", CUDA_CONTEXT))
     if s.quant_bit:
         biggest = max(i * o for i, o in arch.shapes().values())
-        dequant = 2 * 2.0 * biggest
-    items.append(("cuda_context", "CUDA context, cuBLAS workspaces, dequantized weight buffers",
-                  CUDA_CONTEXT + dequant))
+        items.append(("dequant", "dequantized bf16 copies of the largest weight (forward + backward)",
+                      2 * 2.0 * biggest))
     if pt["ckpt"]:
         items.append(("checkpoints", f"checkpointed hidden states ({arch.layers} layers x {2 * arch.hidden} B/token)",
                       t * pt["ckpt"]))
@@ -397,8 +435,12 @@ def estimate(arch: Arch, s: Setup, gpu_mem: float | None = None) -> Estimate:
         head = f"final norm + fp32 logits + cross entropy (6h + 12 B x {arch.vocab} vocab/token)"
     items.append(("logits", head, t * pt["head"]))
     fixed = sum(b for k, _, b in items if k in ("weights", "quant_constants", "embeddings", "lora",
-                                               "deepspeed_buckets", "cuda_context"))
-    allocated = fixed + quad + t * (pt["ckpt"] + max(pt["layer"], pt["head_live"]))
+                                               "deepspeed_buckets", "dequant"))
+    if s.grad_ckpt:  # the loss backward and the layer recompute come one after the other, both over the checkpoints
+        act = pt["ckpt"] + max(pt["layer"], pt["head_live"])
+    else:  # every layer's saved tensors are alive while the loss backward runs
+        act = pt["layer_saved"] + max(pt["layer_bwd"], pt["head_live"])
+    allocated = fixed + quad + t * act
     notes = list(s.notes)
     if s.optim.startswith("paged_"):
         notes.append(f"{s.optim}: {p * opt / GiB:.2f} GiB of optimizer states can page out to host RAM under "
@@ -439,7 +481,7 @@ def to_json(e: Estimate, recipe: str | None = None) -> dict:
     out = {
         "recipe": recipe, "model": e.arch.name, "peak_gib": round(e.peak_gib, 3),
         "gpu_mem_gib": e.gpu_mem, "fits": e.fits, "allocated_gib": round(e.allocated / GiB, 3),
-        "tokens_per_device_step": s.tokens,
+        "reserved_gib": round(e.reserved / GiB, 3), "tokens_per_device_step": s.tokens,
         "breakdown": {k: round(b / GiB, 3) for k, _, b in e.items},
         "breakdown_labels": {k: label for k, label, _ in e.items},
         "per_token_bytes": per_token(e.arch, s),
@@ -513,7 +555,7 @@ def table(recipe: dict | None = None, gpu_mem: float = GPUS_MIB["a40"] / 1024,
     recipe = recipe or SEED_RECIPE
     head = ["model", "cutoff"] + [f"b={b}" for b in batches] + [f"b={b} Liger" for b in batches]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, arch in BUILTIN_ARCHS.items():
+    for name, arch in builtin_archs(hub_only=True).items():
         for c in cutoffs:
             cells = [name.split("/")[1], f"{c:,}"]
             for liger in (False, True):
@@ -540,6 +582,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--table", action="store_true",
                    help="Markdown table for the built-in models x cutoff (4K-16K) x batch (1-3)")
+    p.add_argument("--calibrate", nargs="+", metavar="RUN_DIR",
+                   help="predicted vs recorded peak memory of finished runs (their peak_memory.json), e.g. runs/*/")
 
 
 def _gpu_mem(args) -> float | None:
@@ -577,7 +621,109 @@ def load_recipe(path: str) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------- calibration against recorded runs
+RECORD = "peak_memory.json"  # written into each run's output_dir by llamafactory_ext.patches
+
+
+def find_records(paths: list[str]) -> list[Path]:
+    """peak_memory.json files: the paths themselves, or anywhere under the given folders."""
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            found += sorted(p.rglob(RECORD))
+        else:
+            raise UserError(f"--calibrate {raw}: no such file or folder")
+    return list({p.resolve(): p for p in found}.values())
+
+
+def calibrate_one(path: Path, base: Path | None = None) -> dict:
+    """The recorded peaks of one run against the planner's prediction for the same arguments."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        args = rec["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a peak-memory record ({e})") from e
+    row: dict = {"record": str(path), "device": rec.get("device"), "step": rec.get("step"),
+                 "event": rec.get("event"), "gpus": rec.get("world_size", 1)}
+    if not isinstance(args, dict):
+        return {**row, "skipped": "the run's arguments were not a YAML/JSON file (command-line arguments)"}
+    cutoff, batch = int(args.get("cutoff_len", 2048)), int(args.get("per_device_train_batch_size", 8))
+    longest = rec.get("longest_sequence")
+    used = min(cutoff, int(longest)) if longest else cutoff  # padding goes to the longest in a batch
+    row.update(cutoff=cutoff, longest_sequence=longest, batch=batch, tokens=used * batch)
+    if not rec.get("cuda"):
+        return {**row, "skipped": f"no GPU in that run (CPU max RSS {rec.get('cpu_max_rss_gib', 0):.2f} GiB)"}
+    if isinstance(rec.get("deepspeed_config"), dict):  # the config the run really used, "auto" values filled in
+        args = dict(args, deepspeed=rec["deepspeed_config"])
+    model = str(args.get("model_name_or_path", ""))
+    try:
+        arch = (arch_from_config(rec["model_config"], model) if isinstance(rec.get("model_config"), dict)
+                else resolve_arch(model, base))
+        e = estimate(arch, setup_from_recipe(args, None, cutoff=used, gpus=int(row["gpus"] or 1)))
+    except UserError as err:
+        return {**row, "skipped": f"no prediction: {err}"}
+    pred = {"reserved": e.reserved / GiB, "allocated": e.allocated / GiB}
+    meas = {"reserved": rec.get("max_memory_reserved_gib"), "allocated": rec.get("max_memory_allocated_gib")}
+    for k in pred:
+        row[f"{k}_recorded"], row[f"{k}_predicted"] = meas[k], pred[k]
+        row[f"{k}_residual"] = None if meas[k] is None else meas[k] - pred[k]
+        row[f"{k}_ratio"] = None if not meas[k] else meas[k] / pred[k]
+    return row
+
+
+def calibration_table(rows: list[dict]) -> str:
+    def f(x):
+        return "n/a" if x is None else f"{x:.2f}"
+
+    def sign(x):
+        return "n/a" if x is None else f"{x:+.2f}"
+
+    head = ["run", "device", "tokens (cutoff x batch)", "recorded reserved", "predicted reserved", "residual",
+            "recorded alloc", "predicted alloc", "residual"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for r in rows:
+        run_name = str(Path(r["record"]).parent)
+        if "skipped" in r:
+            notes.append(f"{run_name}: {r['skipped']}")
+            continue
+        shape = f"{r['tokens']:,} ({r['cutoff']:,} x {r['batch']})"
+        if r.get("longest_sequence") and r["longest_sequence"] < r["cutoff"]:
+            shape = f"{r['tokens']:,} (longest {r['longest_sequence']:,} x {r['batch']})"
+        lines.append("| " + " | ".join([
+            run_name, str(r["device"]), shape, f(r["reserved_recorded"]), f(r["reserved_predicted"]),
+            sign(r["reserved_residual"]), f(r["allocated_recorded"]), f(r["allocated_predicted"]),
+            sign(r["allocated_residual"])]) + " |")
+    measured = [r for r in rows if "skipped" not in r and r["reserved_ratio"]]
+    out = "\n".join(lines) if measured else "no run with a GPU measurement"
+    if measured:
+        rel = [abs(r["reserved_ratio"] - 1) for r in measured]
+        out += (f"\n\nGiB. residual = recorded - predicted (reserved = torch.cuda.max_memory_reserved; the planner's "
+                f"peak less the 0.6 GiB CUDA context). {len(measured)} run(s): mean |residual| of reserved "
+                f"{100 * sum(rel) / len(rel):.1f} %, worst {100 * max(rel):.1f} %.")
+    return out + "".join(f"\nskipped {n}" for n in notes)
+
+
+def calibrate(paths: list[str], as_json: bool = False) -> int:
+    records = find_records(paths)
+    if not records:
+        raise UserError(f"no {RECORD} under {' '.join(paths)}: runs record their peak memory when the "
+                        "llamafactory_ext plugin is active (see `llamafactory-ext doctor`)")
+    rows = [calibrate_one(p, Path.cwd()) for p in records]
+    if as_json:
+        print(json.dumps([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows], indent=1))
+    else:
+        print(calibration_table(rows))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    """Exit 0: fits (or no GPU size to judge against); 1: does not fit; 2: usage error (UserError)."""
+    if args.calibrate:
+        return calibrate(args.calibrate, args.json)
     gpu_mem = _gpu_mem(args)
     if args.table:
         recipe = load_recipe(args.recipe) if args.recipe else None
@@ -608,4 +754,4 @@ def run(args: argparse.Namespace) -> int:
         print(render(e, args.recipe))
         if gpu_mem is None:
             print("\n(no GPU here: pass --gpu-mem GiB or --gpu NAME for a verdict and recommendations)")
-    return 0
+    return 1 if e.fits is False else 0

@@ -5,7 +5,7 @@
 
 Not a pytest module (no `test_` prefix): it needs a CUDA GPU with ~40 GiB free and ~10 minutes.
 
-What it does, per model: builds the REAL architecture of the planner's built-in table (MistralConfig /
+What it does, per model: builds the REAL architecture of the family table (llamafactory_ext/families.py) (MistralConfig /
 GemmaConfig with Mistral-7B-Instruct-v0.2's / gemma-7b-it's sizes, real vocabulary) with random bf16
 weights, on the GPU, and saves it (~15 GB) once under --work; nothing is downloaded. The tokenizer is
 the tiny local one of `llamafactory_ext.tiny` (weights are random, so the text does not matter; its ids
@@ -39,11 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # llamafactory_ext from this checkout, also where it is not installed
 
-from llamafactory_ext import fileio, plan, tiny  # noqa: E402
+from llamafactory_ext import families, fileio, plan, tiny  # noqa: E402
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false", "DISABLE_VERSION_CHECK": "1"}
-BUILTIN = {"mistral": "mistralai/Mistral-7B-Instruct-v0.2", "gemma": "google/gemma-7b-it"}
+BUILTIN = ("mistral", "gemma")  # families (llamafactory_ext/families.py) whose `arch` is a real 7B config
 SMOKE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 4096}
 GiB = plan.GiB
 
@@ -53,10 +53,9 @@ def arch_overrides(family: str, smoke: bool) -> dict:
     """Config fields that turn the tiny model's config into the architecture under test."""
     if smoke:
         return dict(SMOKE)
-    a = plan.BUILTIN_ARCHS[BUILTIN[family]]
-    return {"hidden_size": a.hidden, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
-            "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "intermediate_size": a.intermediate,
-            "vocab_size": a.vocab, "tie_word_embeddings": a.tied, "max_position_embeddings": a.max_positions}
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings")
+    return {k: families.get(family).arch[k] for k in keys}
 
 
 def build_model(family: str, work: Path, smoke: bool) -> Path:
@@ -214,7 +213,7 @@ def predict(model: Path, args: dict, gpu_mem: float | None) -> dict:
     """The planner for the same training arguments and the architecture read back from config.json."""
     arch = plan.resolve_arch(str(model))
     e = plan.estimate(arch, plan.setup_from_recipe(args), gpu_mem)
-    return {"peak_gib": e.peak_gib, "allocated_gib": e.allocated / GiB,
+    return {"peak_gib": e.peak_gib, "allocated_gib": e.allocated / GiB, "reserved_gib": e.reserved / GiB,
             "breakdown": {k: b / GiB for k, _, b in e.items}, "arch": arch.__dict__}
 
 
@@ -228,14 +227,15 @@ def _ratio(a, b) -> str:
 
 def table(rows: list[dict], title: str) -> str:
     head = ["length", "tokens", "measured alloc", "planner alloc", "ratio", "measured reserved",
-            "nvidia-smi", "planner peak", "ratio (smi/peak)", "train s"]
+            "planner reserved", "ratio", "nvidia-smi", "planner peak", "ratio (smi/peak)", "train s"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m, p = r["measured"], r["planner"]
         lines.append("| " + " | ".join([
             f"{r['length']:,}", "n/a" if not r["lengths"] else "-".join(map(str, sorted(set(r["lengths"])))),
             _f(m["max_allocated_gib"]), _f(p["allocated_gib"]), _ratio(m["max_allocated_gib"], p["allocated_gib"]),
-            _f(m["max_reserved_gib"]), _f(m["smi_gib"]), _f(p["peak_gib"]), _ratio(m["smi_gib"], p["peak_gib"]),
+            _f(m["max_reserved_gib"]), _f(p["reserved_gib"]), _ratio(m["max_reserved_gib"], p["reserved_gib"]),
+            _f(m["smi_gib"]), _f(p["peak_gib"]), _ratio(m["smi_gib"], p["peak_gib"]),
             f"{r['train_s']:.0f}"]) + " |")
     lines += ["", "GiB. alloc = torch.cuda.max_memory_allocated; nvidia-smi = max memory.used polled every 0.2 s "
               "during training (includes the CUDA context); ratio = measured / planner."]
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"length": length, "lengths": res["lengths"], "measured": peak, "per_step": res["steps"],
                      "loaded_alloc_gib": res.get("loaded_alloc_gib"), "train_s": res["train_s"],
                      "wall_s": res["wall_s"], "planner": predict(model, args, gpu_mem), "train_args": args})
-    name = BUILTIN[a.model] if not smoke else f"{a.model} smoke ({SMOKE})"
+    name = families.get(a.model).model if not smoke else f"{a.model} smoke ({SMOKE})"
     title = f"{name}: QLoRA 4-bit NF4 DQ, LoRA r=64 all, dropout 0.1, SDPA, grad ckpt, batch 1, AdamW, {steps} steps"
     md = table(rows, title + (f", {torch.cuda.get_device_name(0)}" if not smoke else ", CPU smoke"))
     print(md)
