@@ -362,7 +362,7 @@ def preflight() -> str | None:
         installed = False
     if not installed:
         return f"{pth} is missing, so new Python processes do not load the fixes; reinstall: pip install -e ."
-    for modname in FINGERPRINTS:
+    for modname in (ROPE_MODULE, HF_ROPE_MODULE):  # the RoPE fix; the recorder is not needed for it
         reason = guard(modname, module_file(modname))
         if reason:
             return reason

@@ -187,6 +187,9 @@ def test_preflight_passes_in_this_venv_and_names_each_failure(monkeypatch, tmp_p
     reason = patches.preflight()
     assert "llamafactory.model.model_utils.rope.configure_rope is not the code the fix was written for" in reason
     monkeypatch.undo()
+    monkeypatch.setitem(patches.FINGERPRINTS, patches.TUNER_MODULE, ("_training_function", "0" * 64))
+    assert patches.preflight() is None  # only the peak-memory recorder would be off: the RoPE fix is active
+    monkeypatch.undo()
     monkeypatch.setitem(patches.PINS, "transformers", "5.7.0")
     patches.versions_reason.cache_clear()
     try:
