@@ -1,15 +1,16 @@
 # Paper-reviewer LLMs on LLaMA-Factory. `make demo` runs everything on CPU; `make test` runs the tests.
 # Every target installs what it needs first (`make install`, quick when already done).
 #
-#   make data    MODEL=mistral IN=/path/to/paper_review.jsonl      (convert, split, truncate, register)
-#   make sft     MODEL=mistral DATA=15k [ROPE=linear|dynamic] [RESUME=auto|never|path] [NPROC=8] [DRY_RUN=1]
+#   make data    MODEL=mistral IN=/path/to/paper_review.jsonl [NAME=mine] [CUTOFF=8192] [TEST_SIZE=500] [SIZES=5k,15k] [JQ='...']
+#   make sft     MODEL=mistral DATA=15k [RUN=name] [ROPE=linear|dynamic] [RESUME=auto|never|path] [NPROC=8] [DRY_RUN=1]
 #   make merge   MODEL=mistral DATA=15k
-#   make predict MODEL=mistral DATA=15k [TEMP=0.35 | TEMPS="0.35 0.5"] [MAX_SAMPLES=N] [BACKEND=vllm]
-#   make judge   MODEL=mistral DATA=15k JUDGE_URL=https://api.openai.com/v1 JUDGE_MODEL=gpt-4o
+#   make predict MODEL=mistral DATA=15k [TEMP=0.35 | TEMPS="0.35 0.5"] [PAPERS=file.jsonl] [BASE=1] [MAX_SAMPLES=N]
+#   make judge   MODEL=mistral DATA=15k JUDGE_URL=https://api.openai.com/v1 JUDGE_MODEL=gpt-4o [RETRY_INVALID=1]
 #   make review  MODEL=mistral DATA=15k PAPER=paper.pdf
-#   make webui   [PORT=6006] [HOST=127.0.0.1] [WEBUI_AUTH=user:password]
-#   make doctor | make plan MODEL=gemma DATA=15k GPU=a40 | make bench-data | make lint | make clean
-# Without MODEL/DATA: the tiny model on the 36-paper sample (MODEL=tiny DATA=sample).
+#   make recipes | make webui [PORT=6006] [HOST=127.0.0.1] | make doctor | make plan MODEL=gemma DATA=15k GPU=a40
+#   make calibrate (planner vs the peak memory your runs recorded)
+#   make test-fast | make bench-data | make bench-quality | make lint | make clean
+# Without MODEL/DATA: MODEL=tiny DATA=sample (`make demo` uses MODEL=smollm2 DATA=sample).
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -20,24 +21,37 @@ BIN    := $(VENV)/bin
 EXT    := $(BIN)/llamafactory-ext
 STAMP  := $(VENV)/.installed
 
-MODEL ?= tiny
-DATA  ?= sample
+# Values given on the make command line reach the commands only through the environment, as LFX_<NAME>,
+# read by the shell as "$$LFX_<NAME>": never pasted into a shell line, so MODEL='`rm -rf ~`' is plain text.
+# $(value) keeps make from expanding $(...) inside them. Only the command line counts: a MODEL or TEMP
+# exported in your shell (TEMP names the temp folder on many systems) never picks a recipe silently.
+VARS := MODEL DATA RUN IN NAME CUTOFF PAPER_TOKENS TEST_SIZE SIZES JQ MODEL_PATH TEMPLATE ROPE RESUME DRY_RUN \
+        NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT TEMP TEMPS TOP_P MAX_NEW_TOKENS MAX_SAMPLES PAPERS BASE \
+        DATASET BACKEND PAPER JUDGE_URL JUDGE_MODEL JUDGE_B RETRY_INVALID GPU GPU_MEM HOST PORT PYTEST_ARGS
+$(foreach v,$(VARS),$(eval export LFX_$(v) := $$(if $$(filter command line,$$(origin $(v))),$$(value $(v)))))
+unexport $(VARS)
+opt  = $(if $(LFX_$(1)),$(2) "$$LFX_$(1)")
+flag = $(if $(filter-out 0 false no off,$(LFX_$(1))),$(2))
 
-# The embedded default never touches a model hub: the tiny models are built locally. (The real
+RUN_OPTS  = $(call opt,MODEL,--model) $(call opt,DATA,--data) $(call opt,RUN,--run) \
+            $(call opt,MODEL_PATH,--model-path) $(call opt,TEMPLATE,--template) $(call flag,DRY_RUN,--dry-run)
+DIST_OPTS = $(call opt,NPROC,--nproc) $(call opt,NNODES,--nnodes) $(call opt,NODE_RANK,--node-rank) \
+            $(call opt,MASTER_ADDR,--master-addr) $(call opt,MASTER_PORT,--master-port)
+# the run folder, as the shell computes it: runs/<RUN> or runs/<MODEL>_<DATA>
+RUN_DIR   = runs/$${LFX_RUN:-$${LFX_MODEL:-tiny}_$${LFX_DATA:-sample}}
+
+# The embedded defaults never touch a model hub: tiny and SmolLM2 are built locally. (The real
 # recipes name hub IDs; they download once unless you pass MODEL_PATH=/local/copy.)
-ifneq ($(filter tiny tiny_gemma,$(MODEL)),)
+ifeq ($(filter-out tiny tiny_gemma smollm2,$(or $(LFX_MODEL),tiny)),)
 export HF_HUB_OFFLINE ?= 1
 endif
-demo test tiny: export HF_HUB_OFFLINE := 1
+demo test test-fast bench-quality: export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM ?= false
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-# Variables given on the command line (`make sft MODEL=mistral NPROC=8`) reach the commands' environment,
-# where `llamafactory-ext run` / `webui` read them. Nothing is exported empty: LLaMA-Factory's launcher
-# reads NNODES/NODE_RANK/MASTER_* with os.getenv and crashes on an empty string.
-
-.PHONY: help install test demo tiny data sft merge predict judge review webui doctor plan bench-data lint clean
+.PHONY: help install test test-fast demo data sft merge predict judge review recipes webui doctor plan calibrate \
+        bench-data bench-quality lint clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -50,81 +64,68 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-# ---- the embedded default: tiny models + the 36-paper sample ----
-tiny: $(STAMP)
-	$(EXT) tiny
+# ---- the main job on the embedded default: SmolLM2-135M-Instruct learns to review, on CPU ----
+demo: $(STAMP)
+	$(EXT) demo
 
+# ---- data / train / merge / predict: LLaMA-Factory's own entry points, resolved by llamafactory-ext ----
 data: $(STAMP)
-ifeq ($(filter tiny tiny_gemma,$(MODEL)),)
-	@test -n "$(IN)" || { echo "error: make data MODEL=$(MODEL) needs IN=/path/to/paper_review.jsonl"; exit 2; }
-	$(EXT) data --model $(MODEL) --in "$(IN)" $(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") \
-	    $(if $(TEST_SIZE),--test-size $(TEST_SIZE)) $(if $(SIZES),--sizes $(SIZES))
-else
-	$(EXT) data
-endif
+	$(EXT) data $(call opt,MODEL,--model) $(call opt,IN,--in) $(call opt,NAME,--name) $(call opt,CUTOFF,--cutoff) \
+	    $(call opt,PAPER_TOKENS,--paper-tokens) $(call opt,TEST_SIZE,--test-size) $(call opt,SIZES,--sizes) \
+	    $(call opt,JQ,--jq) $(call opt,MODEL_PATH,--model-path)
 
-# ---- train / merge / predict: LLaMA-Factory's own entry points, resolved by llamafactory-ext run ----
 sft: $(STAMP)
-	@if [ "$(DATA)" = sample ] && [ ! -f data/build/sample/train.jsonl ]; then $(EXT) data; fi
-	@if [ "$(MODEL)" = tiny ] || [ "$(MODEL)" = tiny_gemma ]; then $(EXT) tiny; fi
-	$(EXT) run sft
+	$(EXT) run sft $(RUN_OPTS) $(call opt,ROPE,--rope) $(call opt,CUTOFF,--cutoff) $(call opt,RESUME,--resume) $(DIST_OPTS)
 
 merge: $(STAMP)
-	$(EXT) run merge
+	$(EXT) run merge $(RUN_OPTS)
 
 predict: $(STAMP)
-	$(EXT) run predict
+	$(EXT) run predict $(RUN_OPTS) $(call opt,TEMP,--temp) $(call opt,TEMPS,--temps) $(call opt,TOP_P,--top-p) \
+	    $(call opt,MAX_NEW_TOKENS,--max-new-tokens) $(call opt,MAX_SAMPLES,--max-samples) \
+	    $(call opt,PAPERS,--papers) $(call opt,DATASET,--dataset) $(call opt,BACKEND,--backend) \
+	    $(call flag,BASE,--base)
 
-demo: $(STAMP)
-	@start=$$(date +%s); \
-	$(EXT) data && \
-	$(EXT) run sft --model tiny --data sample --resume never && \
-	$(EXT) run merge --model tiny --data sample && \
-	$(EXT) run predict --model tiny --data sample && \
-	echo && echo "demo finished in $$(( $$(date +%s) - start )) s:" && \
-	echo "  adapter:      runs/tiny_sample/adapter" && \
-	echo "  loss plot:    runs/tiny_sample/adapter/training_loss.png" && \
-	echo "  merged model: runs/tiny_sample/merged" && \
-	echo "  predictions:  runs/tiny_sample/predict/temp_0.35/generated_predictions.jsonl" && \
-	echo "  reviews:      runs/tiny_sample/predict/temp_0.35/reviews.jsonl" && \
-	echo "  metrics:      runs/tiny_sample/predict/metrics.md" && \
-	cat runs/tiny_sample/predict/metrics.md 2>/dev/null || true
+recipes: $(STAMP)
+	$(EXT) recipes $(call opt,MODEL,--model)
 
-# HOST/PORT count only when given on the make command line: a shell's own $HOST (tcsh exports the
-# machine's name) must never silently move the UI onto the network.
+# HOST/PORT count only when given on the make command line (see VARS above).
 webui: $(STAMP)
-	$(EXT) webui $(if $(filter command line,$(origin HOST)),--host $(HOST)) \
-	    $(if $(filter command line,$(origin PORT)),--port $(PORT))
+	$(EXT) webui $(call opt,HOST,--host) $(call opt,PORT,--port)
 
 doctor: $(STAMP)
-	$(EXT) doctor $(if $(wildcard sft_recipes/$(MODEL)_$(DATA).yaml),--recipe sft_recipes/$(MODEL)_$(DATA).yaml)
+	@recipe="sft_recipes/$${LFX_MODEL:-tiny}_$${LFX_DATA:-sample}.yaml"; \
+	if [ -f "$$recipe" ]; then $(EXT) doctor --recipe "$$recipe"; else $(EXT) doctor; fi
 
+# exits 1 when the recipe does not fit (make says "Error 1"), 2 on a usage error
 plan: $(STAMP)
-	$(EXT) plan sft_recipes/$(MODEL)_$(DATA).yaml $(if $(GPU),--gpu $(GPU)) $(if $(GPU_MEM),--gpu-mem $(GPU_MEM))
+	$(EXT) plan "sft_recipes/$${LFX_MODEL:-tiny}_$${LFX_DATA:-sample}.yaml" $(call opt,GPU,--gpu) $(call opt,GPU_MEM,--gpu-mem)
+
+# predicted vs recorded peak GPU memory of every run (runs/*/adapter/peak_memory.json)
+calibrate: $(STAMP)
+	$(EXT) plan --calibrate runs/*/
 
 # ---- evaluation ----
 # make judge JUDGE_URL=https://api.openai.com/v1 JUDGE_MODEL=gpt-4o  (key from OPENAI_API_KEY)
 #   B side: JUDGE_B=reviews.jsonl (default: GPT-4o's reviews of the sample papers); PAPERS=papers.jsonl
-#   (default: the test split that was predicted, which holds paper_id + paper text).
-ifneq ($(filter tiny tiny_gemma,$(MODEL)),)
-PAPERS ?= data/build/sample/test.jsonl
-else
-PAPERS ?= data/build/paper_review/$(MODEL)/test.jsonl
-endif
+#   (default: the papers that were predicted, runs/<run>/predict/papers.jsonl).
 judge: $(STAMP)
-	@test -n "$(JUDGE_URL)" -a -n "$(JUDGE_MODEL)" || { echo "error: make judge needs JUDGE_URL=... JUDGE_MODEL=..."; exit 2; }
-	$(EXT) judge --a runs/$(MODEL)_$(DATA)/predict/temp_$(or $(TEMP),0.35)/reviews.jsonl \
-	    $(if $(JUDGE_B),--b $(JUDGE_B)) --papers $(PAPERS) --base-url $(JUDGE_URL) --model $(JUDGE_MODEL) \
-	    --out runs/$(MODEL)_$(DATA)/judge_temp_$(or $(TEMP),0.35)
+	@test -n "$$LFX_JUDGE_URL" -a -n "$$LFX_JUDGE_MODEL" || { echo "error: make judge needs JUDGE_URL=... JUDGE_MODEL=..."; exit 2; }
+	$(EXT) judge --a "$(RUN_DIR)/predict/temp_$${LFX_TEMP:-0.35}/reviews.jsonl" $(call opt,JUDGE_B,--b) \
+	    --papers "$${LFX_PAPERS:-$(RUN_DIR)/predict/papers.jsonl}" --base-url "$$LFX_JUDGE_URL" \
+	    --model "$$LFX_JUDGE_MODEL" --out "$(RUN_DIR)/judge_temp_$${LFX_TEMP:-0.35}" $(call flag,RETRY_INVALID,--retry-invalid)
 
 # make review PAPER=paper.pdf  (with the merged model of MODEL x DATA)
 review: $(STAMP)
-	@test -n "$(PAPER)" || { echo "error: make review needs PAPER=path/to/paper.pdf"; exit 2; }
-	$(EXT) review "$(PAPER)" --model runs/$(MODEL)_$(DATA)/merged
+	@test -n "$$LFX_PAPER" || { echo "error: make review needs PAPER=path/to/paper.pdf"; exit 2; }
+	$(EXT) review "$$LFX_PAPER" --model "$(RUN_DIR)/merged"
 
-# ---- tests ----
+# ---- tests and benchmarks ----
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -q $$LFX_PYTEST_ARGS
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow" $$LFX_PYTEST_ARGS
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -132,6 +133,9 @@ lint: $(STAMP)
 bench-data: $(STAMP)
 	@command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq; }  # the seed's tool, to compare
 	$(BIN)/python tests/bench_data.py
+
+bench-quality: $(STAMP)
+	$(BIN)/python tests/bench_quality.py
 
 clean:
 	rm -rf runs build data/build test-artifacts llamaboard_cache llamaboard_config saves

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
     for name, (modname, helptext) in COMMANDS.items():
-        p = sub.add_parser(name, help=helptext, description=helptext,
+        p = sub.add_parser(name, help=helptext, description=helptext, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == chosen:  # import only the module of the command being run
             module = importlib.import_module(modname)

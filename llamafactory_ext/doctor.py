@@ -301,9 +301,10 @@ def check_llamafactory() -> Check:
     except Exception as e:  # noqa: BLE001
         return Check("llamafactory", FAIL, f"import llamafactory failed: {type(e).__name__}: {e}", INSTALL_FIX)
     v = getattr(llamafactory, "__version__", _version("llamafactory"))
-    if not patches.is_applied():
-        return Check("llamafactory", FAIL, f"LLaMA-Factory {v} imports, but our RoPE-scaling fix is not active "
-                     "(rope_scaling would crash with transformers 5)", fix)
+    reason = patches.preflight()  # what training processes started from this venv will get
+    if reason:
+        return Check("llamafactory", FAIL, f"LLaMA-Factory {v} imports, but our RoPE-scaling fix will not be active "
+                     f"in training processes ({reason}): rope_scaling would crash with transformers 5", fix)
     return Check("llamafactory", OK, f"LLaMA-Factory {v}; RoPE-scaling fix active (llamafactory_ext.patches)")
 
 

@@ -29,6 +29,7 @@ class Family:
     paper_budget: int  # paper tokens kept at inference (predict, review)
     base_recipe: str  # sft_recipes/<base_recipe>.yaml: used for `make sft DATA=<your dataset>`
     sample: str  # dataset-name prefix of the shipped sample built for this family (`make data MODEL=<name>`)
+    sample_test: int = 6  # sample papers held out for predict (of 36)
     max_new_tokens: int = 1024  # predict/review default
     temps: tuple[float, ...] = (0.35,)  # predict default sweep
     model_types: tuple[str, ...] = ()  # config.json model_type values for which this template is THE choice

@@ -1,74 +1,43 @@
-"""Resolve MODEL x DATA to a recipe and launch LLaMA-Factory's own train / export / predict.
+"""Launch LLaMA-Factory's own train / export / predict for MODEL x DATA.
 
     llamafactory-ext run sft --model mistral --data 15k [--rope linear] [--resume auto] [--nproc 8]
-    llamafactory-ext run sft --model mistral --data 15k --dry-run     # print + validate, load nothing
+    llamafactory-ext run sft --model tiny --data mine --dry-run          # print + validate, load nothing
     llamafactory-ext run merge --model mistral --data 15k
-    llamafactory-ext run predict --model mistral --data 15k --temps "0.35 0.5"
+    llamafactory-ext run predict --model mistral --data 15k --temps "0.35 0.5" [--base] [--papers file.jsonl]
 
-(`make sft|merge|predict MODEL=.. DATA=..` call these.) Everything for one MODEL x DATA lives in
-`runs/<model>_<data>/`: `sft_args.yaml` (the final arguments, exactly what LLaMA-Factory got),
-`adapter/` (LoRA adapter, checkpoints, loss plot), `merged/`, `predict/temp_<T>/`.
-Extra `key=value` arguments override recipe keys (LLaMA-Factory's own names, e.g. `cutoff_len=8192`).
+(`make sft|merge|predict MODEL=.. DATA=..` call these.) MODEL x DATA resolves to a recipe (recipes.py);
+everything of one run lives in `runs/<model>_<data>/` or `runs/<RUN>/` (runs.py). Every run writes its
+final arguments to `sft_args.yaml` / `merge_args.yaml` / `predict_args_*.yaml` and launches
+`llamafactory-cli` on that file, so what ran is always on disk. Extra `key=value` arguments override
+recipe keys (LLaMA-Factory's own names, e.g. `cutoff_len=8192`).
+
+Environment: only LLaMA-Factory's own launcher variables are read (NPROC_PER_NODE, NNODES, NODE_RANK,
+MASTER_ADDR, MASTER_PORT, FORCE_TORCHRUN, as `llamafactory-cli` reads them); every other setting is a flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from llamafactory_ext import UserError
+from llamafactory_ext import UserError, families, manifest, recipes, runs
 from llamafactory_ext.fileio import atomic_write_text
 
 EXTRA_ARGS = "overrides"  # cli.py appends stray `key=value` arguments here
-RECIPES = Path("sft_recipes")
-RUNS = Path("runs")
 ROPE_TYPES = ("linear", "dynamic")
-# family of each MODEL name -> the LLaMA-Factory template it must use
-TEMPLATES = {"mistral": "mistral", "gemma": "gemma", "tiny": "mistral", "tiny_gemma": "gemma"}
-# test split registered for each MODEL x DATA (predict); inference-truncated papers
-TEST_DATASETS = {"sample": "sample_test"}
 LAUNCH_ENV = ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
               "RDZV_ID", "MIN_NNODES", "MAX_NNODES", "MAX_RESTARTS")
 PREDICT_CUTOFF = 1_000_000
-PREDICT_DEFAULTS = {  # max_new_tokens: a full review on real models, a few words on the tiny ones
-    "tiny": {"max_new_tokens": 48}, "tiny_gemma": {"max_new_tokens": 48},
-}
-
-
-def recipes() -> dict[tuple[str, str], Path]:
-    """(model, data) -> recipe, from the files `sft_recipes/<model>_<data>.yaml`."""
-    out = {}
-    for p in sorted(RECIPES.glob("*.yaml")):
-        # the longest MODEL name that prefixes the file name (tiny_gemma before tiny); the rest is DATA
-        model = next((m for m in sorted(TEMPLATES, key=len, reverse=True) if p.stem.startswith(m + "_")), None)
-        if model:
-            out[(model, p.stem[len(model) + 1:])] = p
-    return out
-
-
-def resolve_recipe(model: str, data: str) -> Path:
-    if not RECIPES.is_dir():
-        raise UserError(f"no {RECIPES}/ in {Path.cwd()}: run from the project root (where the Makefile is)")
-    table = recipes()
-    if (model, data) in table:
-        return table[(model, data)]
-    models = sorted({m for m, _ in table})
-    datas = sorted({d for _, d in table})
-    if model not in models:
-        raise UserError(f"unknown MODEL={model!r}; valid values: {', '.join(models)}")
-    if data not in datas:
-        raise UserError(f"unknown DATA={data!r}; valid values: {', '.join(datas)}")
-    combos = ", ".join(f"MODEL={m} DATA={d}" for m, d in table)
-    raise UserError(f"no recipe sft_recipes/{model}_{data}.yaml; available: {combos}")
+# CPU training/generation: one torch thread per process. On this project's 2-core machines two threads
+# cost 4-6x the CPU of one under load for little speed (see README, "Threads"); GPUs are unaffected.
+CPU_THREADS = "1"
 
 
 def positive_int(name: str, value, example: str = "8192 or 8k") -> int:
@@ -100,16 +69,10 @@ def parse_temps(text: str) -> list[float]:
     return temps
 
 
-def run_dir(model: str, data: str) -> Path:
-    return RUNS / f"{model}_{data}"
-
-
-def load_yaml(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
-
-
-def parse_overrides(items: list[str]) -> dict:
+def parse_overrides(items: list[str], action: str) -> dict:
+    flags = [i.split("=")[0] for i in items if i.startswith("-")]
+    if flags:
+        raise UserError(f"`run {action}` has no option {', '.join(flags)} (see `llamafactory-ext run {action} --help`)")
     out = {}
     for item in items:
         if "=" not in item:
@@ -119,85 +82,237 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """`checkpoint-N` folders, oldest first."""
-    found = []
-    for p in output_dir.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+def dump_yaml(args: dict) -> str:
+    return yaml.safe_dump(args, sort_keys=False, allow_unicode=True)
 
 
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest COMPLETE checkpoint. The Trainer writes trainer_state.json last, so a process killed
-    while saving leaves a newer folder without it; LLaMA-Factory's auto-resume would pick that one
-    and crash, we skip it."""
-    for p in reversed(checkpoints(output_dir)):
-        try:
-            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
-            return p
-        except (OSError, ValueError):
-            continue
-    return None
+def _datasets(args: dict, key: str = "dataset") -> list[str]:
+    return [n.strip() for n in str(args.get(key) or "").split(",") if n.strip()]
 
 
-def sft_args(ns: argparse.Namespace) -> tuple[dict, Path]:
-    """The final LLaMA-Factory arguments for `make sft`, and the run folder."""
-    recipe = resolve_recipe(ns.model, ns.data)
-    args = load_yaml(recipe)
-    rdir = run_dir(ns.model, ns.data)
+# ------------------------------------------------------------------------------------------ sft
+def sft_args(ns: argparse.Namespace) -> tuple[dict, Path, recipes.Choice]:
+    """The final LLaMA-Factory arguments for `make sft` (before the resume decision), the run folder, the recipe."""
+    choice = recipes.resolve(ns.model, ns.data)
+    args = recipes.load_yaml(choice.recipe)
+    if choice.dataset:
+        args["dataset"] = choice.dataset
+    rdir = runs.run_dir(ns.model, ns.data, ns.run)
     args["output_dir"] = str(rdir / "adapter")
     if ns.model_path:
         args["model_name_or_path"] = ns.model_path
+    if ns.template:
+        args["template"] = ns.template
     if ns.rope:
         if ns.rope not in ROPE_TYPES:
             raise UserError(f"unknown ROPE={ns.rope!r}; valid values: {', '.join(ROPE_TYPES)}")
         args["rope_scaling"] = ns.rope
     if ns.cutoff:
         args["cutoff_len"] = positive_int("CUTOFF", ns.cutoff)
-    if ns.node_rank not in (None, "") and not str(ns.node_rank).isdigit():
-        raise UserError(f"NODE_RANK={ns.node_rank!r}: expected 0, 1, ... (this node's index)")
-    args.update(parse_overrides(ns.overrides))
+    args.update(parse_overrides(ns.overrides, "sft"))
+    return args, rdir, choice
 
+
+def ensure_inputs(args: dict, family: families.Family, *, dry_run: bool) -> tuple[list[str], set[str]]:
+    """Build what this machine builds itself, when missing: the family's local model (tiny, SmolLM2) and the
+    shipped sample data. Returns (notes, datasets a dry run would build)."""
+    notes, pending = [], set()
+    if family.local and str(args.get("model_name_or_path")) == family.model:
+        if dry_run:
+            if not (Path(family.model) / "config.json").is_file():
+                notes.append(f"would build the {family.name} model into {family.model} first")
+        else:
+            families.ensure_model(family)
+    sample = family.datasets()[0]
+    if sample in _datasets(args) and args.get("dataset_dir", ".") in (".", ""):
+        path = manifest.dataset_file(sample, manifest.load_info())
+        if path is None or not path.is_file():
+            if dry_run:
+                notes.append(f"would build the sample data ({sample}) first: `make data MODEL={family.name}`")
+                pending.add(sample)
+            else:
+                from llamafactory_ext.prepare import prepare
+
+                prepare(family.name)
+    return notes, pending
+
+
+def data_problems(args: dict, family: families.Family, *, key: str = "dataset", mode: str = "train",
+                  pending: set[str] = frozenset(), notes: list[str] | None = None) -> list[str]:
+    """Registered? built? Made for this cutoff_len, template and tokenizer (its manifest)? With `notes` (a dry
+    run), a registered but unbuilt file is a note there, not a problem."""
+    dataset_dir = args.get("dataset_dir", ".")
+    info = manifest.load_info(dataset_dir)
+    problems = []
+    for name in _datasets(args, key):
+        if name in pending:
+            continue
+        if name not in info:
+            problems.append(f"{key}: {name!r} is not registered in {Path(dataset_dir) / 'dataset_info.json'}; "
+                            f"build it with `make data MODEL={family.name} ...` (registered: {', '.join(info)})")
+            continue
+        path = manifest.dataset_file(name, info, dataset_dir)
+        if path is None:
+            continue  # a hub / remote dataset: LLaMA-Factory's business
+        if not path.is_file():
+            msg = (f"{key}: {name} -> {path} is not built yet; run "
+                   f"`make data MODEL={family.name}{'' if name.startswith('sample') else ' IN=...'}` first")
+            (notes if notes is not None else problems).append(msg)
+            continue
+        doc = manifest.read(path)
+        if doc is None:
+            continue  # registered by hand: nothing recorded to check against
+        if doc.get("mode") != mode:
+            problems.append(f"{key}: {name} was built for {doc.get('mode')}, not {mode} (use its "
+                            f"{'test' if mode == 'inference' else 'training'} split)")
+        if doc.get("template") != args.get("template"):
+            problems.append(f"{key}: {name} was cut for template {doc.get('template')!r}, this run uses "
+                            f"{args.get('template')!r}; {_rebuild(doc, family)} for this model")
+        budget = doc.get("budget")
+        cutoff = args.get("cutoff_len", 2048)
+        if mode == "train" and isinstance(budget, int) and isinstance(cutoff, int) and cutoff < budget:
+            problems.append(f"cutoff_len {cutoff} is below the {budget} tokens {name} was cut to: LLaMA-Factory "
+                            f"would cut the end of the prompt or the review; {_rebuild(doc, family, f'CUTOFF={cutoff}')}"
+                            f" (or train with CUTOFF={budget})")
+        problem = tokenizer_problem(doc, args.get("model_name_or_path"))
+        if problem:
+            problems.append(f"{key}: {name}: {problem}; "
+                            f"{_rebuild(doc, family, 'MODEL_PATH=' + str(args.get('model_name_or_path')))}")
+    return problems
+
+
+def _rebuild(doc: dict, family: families.Family, extra: str = "") -> str:
+    """The `make data` command that rebuilds the data `doc` describes, for this family."""
+    from llamafactory_ext.prepare import SAMPLE_IN
+
+    src = doc.get("source", "")
+    parts = [f"MODEL={family.name}"]
+    if Path(src) != SAMPLE_IN:
+        parts.append(f"IN={src}")
+        name = str(doc.get("dataset", ""))
+        if name.endswith(("_train", "_test")) and not name.startswith("paper_review_"):
+            parts.append(f"NAME={name.rsplit('_', 1)[0]}")
+    return "re-run `make data " + " ".join(parts + ([extra] if extra else [])) + "`"
+
+
+def tokenizer_problem(doc: dict, model: str | None) -> str | None:
+    """None when the tokenizer `doc` was cut with is the model's (same name, or the same fingerprint)."""
+    if not model or doc.get("tokenizer") in (None, model) or Path(str(doc.get("tokenizer"))) == Path(model):
+        return None
+    from llamafactory_ext.truncate import load_template, load_tokenizer
+
+    try:
+        tok = load_tokenizer(model)
+        load_template(tok, doc.get("template", "empty"))
+    except UserError as e:
+        return (f"cut with the tokenizer of {doc.get('tokenizer')}, and the tokenizer of {model} cannot be "
+                f"loaded to compare ({str(e)[:200]})")
+    if manifest.tokenizer_fingerprint(tok) != doc.get("tokenizer_sha256"):
+        return f"cut with the tokenizer of {doc.get('tokenizer')}, which differs from {model}'s"
+    return None
+
+
+def sft_problems(args: dict, family: families.Family, pending: set[str] = frozenset(),
+                 notes: list[str] | None = None) -> list[str]:
+    """Everything checkable before LLaMA-Factory loads anything."""
+    problems = data_problems(args, family, pending=pending, notes=notes)
+    ds = args.get("deepspeed")
+    if ds and isinstance(ds, str) and not Path(ds).is_file():
+        problems.append(f"deepspeed: {ds} does not exist")
+    if ds:
+        for lock in stale_extension_locks():
+            problems.append(f"an interrupted build of a DeepSpeed C++ op left {lock}: every DeepSpeed run would wait "
+                            f"on it forever; if no other DeepSpeed run is starting, remove it: rm '{lock}'")
+    if args.get("rope_scaling"):
+        from llamafactory_ext import patches
+
+        reason = patches.preflight()
+        if reason:
+            problems.append(f"rope_scaling: {args['rope_scaling']} needs our RoPE fix, which is not active ({reason}); "
+                            f"stock LLaMA-Factory 0.9.5 breaks RoPE scaling on transformers 5 (see patches.py)")
+    return problems
+
+
+def stale_extension_locks(min_age_s: float = 120) -> list[Path]:
+    """Lock files in torch's C++ extension cache that no build holds: torch's FileBaton waits on a `lock`
+    file with no owner recorded, so a build killed midway (Ctrl-C during DeepSpeed's first CPU run) hangs
+    every later one. Stale = older than `min_age_s` and no live process works in that folder."""
+    import time
+
+    import psutil
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    locks = [p for p in (*root.glob("*/lock"), *root.glob("*/*/lock")) if p.is_file()]
+    locks = [p for p in locks if time.time() - p.stat().st_mtime >= min_age_s]
+    if not locks:
+        return []
+    busy = set()
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        text = " ".join(proc.info.get("cmdline") or []) + " " + str(proc.info.get("cwd") or "")
+        busy.update(p for p in locks if str(p.parent) in text)
+    return [p for p in locks if p not in busy]
+
+
+def decide_resume(args: dict, rdir: Path, resume: str, *, dry_run: bool) -> list[str]:
+    """Set resume_from_checkpoint / overwrite_output_dir for RESUME=auto|never|<path>; returns what it did
+    (messages). Moves broken checkpoints and unresumable leftovers aside (never deletes), except in a dry run."""
     out = Path(args["output_dir"])
-    resume = ns.resume or "auto"
-    if resume == "auto":  # continue from the newest complete checkpoint-N in output_dir, if any
-        args["overwrite_output_dir"] = False
-        args.pop("resume_from_checkpoint", None)
-        ckpt = last_checkpoint(out) if out.is_dir() else None
-        if ckpt is None and (out / "adapter_model.safetensors").exists():
-            raise UserError(f"{out} holds a finished run and no checkpoint to resume from; "
-                            "RESUME=never starts over (the old run is moved aside, not deleted)")
-        if ckpt is not None:
-            args["resume_from_checkpoint"] = str(ckpt)
-            step = int(ckpt.name.split("-")[1])
-            broken = [p.name for p in checkpoints(out) if int(p.name.split("-")[1]) > step]
-            if broken:
-                print(f"warning: skipping incomplete checkpoint(s) {', '.join(broken)} (no readable "
-                      "trainer_state.json: "
-                      f"the run was killed while saving); resuming from {ckpt.name}", file=sys.stderr)
-    elif resume in ("never", "fresh", "no"):
-        args["overwrite_output_dir"] = False
-    else:
+    args["overwrite_output_dir"] = False
+    args.pop("resume_from_checkpoint", None)
+    said = []
+    started = out.is_dir() and any(out.iterdir())
+    if resume in ("never", "fresh", "no"):
+        if started:
+            said.append(f"RESUME={resume}: the previous run in {out} is moved aside (nothing deleted)")
+            if not dry_run:
+                said[-1] = f"RESUME={resume}: moved the previous run aside to {runs.move_aside(out, out.parent)}"
+        return said
+    if resume != "auto":
         ckpt = Path(resume)
-        if not (ckpt / "trainer_state.json").is_file():
-            found = last_checkpoint(out)
-            hint = f" (the last one in {out} is {found})" if found else ""
-            raise UserError(f"RESUME={resume}: not a checkpoint folder with trainer_state.json{hint}")
+        if not ckpt.is_dir():
+            found = runs.resume_plan(out)[0] if out.is_dir() else None
+            hint = f" (the newest whole one in {out} is {found})" if found else ""
+            raise UserError(f"RESUME={resume}: no such checkpoint folder{hint}")
+        problem = runs.checkpoint_problem(ckpt)
+        if problem:
+            raise UserError(f"RESUME={resume}: cannot resume from it: {problem}")
         args["resume_from_checkpoint"] = str(ckpt)
-        args["overwrite_output_dir"] = False
-    return args, rdir
+        return [f"resuming from {ckpt}"]
+    if not started:
+        return [f"starting a new run in {out}"]
+    new = runs.identity(args, args.get("dataset_dir", "."))
+    old = runs.recorded_identity(rdir)
+    changed = runs.differences(old, new) if old else []
+    if changed:
+        raise UserError(f"{rdir} holds a run of another setup ({'; '.join(changed)}). RESUME=never starts it over "
+                        f"(the old run is moved aside), or RUN=<name> trains into runs/<name>")
+    ckpt, broken = runs.resume_plan(out)
+    for path, why in broken:
+        said.append(f"skipping broken checkpoint {path.name}: {why}")
+        if not dry_run and ckpt is not None:  # (with nothing to resume, the whole folder is moved aside below)
+            said[-1] += f"; moved to {runs.move_aside(path, rdir / 'broken')}"
+    if ckpt is not None:
+        args["resume_from_checkpoint"] = str(ckpt)
+        return said + [f"resuming from {ckpt}"]
+    if (out / "adapter_model.safetensors").exists():
+        raise UserError(f"{out} holds a finished run and no checkpoint to resume from; RESUME=never starts over "
+                        "(the old run is moved aside, not deleted), RUN=<name> trains into runs/<name>")
+    said.append(f"nothing resumable in {out}; starting over" + ("" if dry_run else
+                f" (moved what was there to {runs.move_aside(out, out.parent)})"))
+    return said
 
 
-def _env(ns: argparse.Namespace, args: dict) -> dict[str, str]:
+def launch_env(ns: argparse.Namespace, args: dict) -> dict[str, str]:
     # LLaMA-Factory's launcher does int(os.getenv("NNODES", "1")): an exported-but-empty variable crashes it
     env = {k: v for k, v in os.environ.items() if v != "" or k not in LAUNCH_ENV}
     bindir = str(Path(sys.executable).parent)  # torchrun and llamafactory-cli of this venv
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    nproc = ns.nproc or os.environ.get("NPROC_PER_NODE") or None
+    nproc = getattr(ns, "nproc", None) or os.environ.get("NPROC_PER_NODE") or None
     nproc = positive_int("NPROC", nproc, example="8") if nproc else None
-    nnodes = positive_int("NNODES", ns.nnodes, example="2") if ns.nnodes else 1
+    nnodes = positive_int("NNODES", ns.nnodes, example="2") if getattr(ns, "nnodes", None) else 1
+    node_rank = getattr(ns, "node_rank", None)
+    if node_rank not in (None, "") and not str(node_rank).isdigit():
+        raise UserError(f"NODE_RANK={node_rank!r}: expected 0, 1, ... (this node's index)")
     distributed = bool(args.get("deepspeed")) or (nproc or 1) > 1 or nnodes > 1
     if distributed:
         env["FORCE_TORCHRUN"] = "1"
@@ -206,11 +321,20 @@ def _env(ns: argparse.Namespace, args: dict) -> dict[str, str]:
 
             nproc = max(torch.cuda.device_count(), 1)  # LLaMA-Factory's default is 0 on a CPU machine
         env["NPROC_PER_NODE"] = str(nproc)
-    for key, val in (("NNODES", ns.nnodes), ("NODE_RANK", ns.node_rank), ("MASTER_ADDR", ns.master_addr),
-                     ("MASTER_PORT", ns.master_port)):
+    for key, attr in (("NNODES", "nnodes"), ("NODE_RANK", "node_rank"), ("MASTER_ADDR", "master_addr"),
+                      ("MASTER_PORT", "master_port")):
+        val = getattr(ns, attr, None)
         if val not in (None, ""):
             env[key] = str(val)
+    if not _has_cuda():
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, CPU_THREADS)
     return env
+
+
+def _has_cuda() -> bool:
+    """Without importing torch (seconds): an NVIDIA driver is loaded."""
+    return Path("/proc/driver/nvidia/version").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip(" -1"))
 
 
 def _launch(cmd: list[str], env: dict[str, str]) -> int:
@@ -218,154 +342,70 @@ def _launch(cmd: list[str], env: dict[str, str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def dump_yaml(args: dict) -> str:
-    return yaml.safe_dump(args, sort_keys=False, allow_unicode=True)
-
-
-def validate_sft_args(args: dict, dataset_info: Path = Path("dataset_info.json")) -> list[str]:
-    """Checks LLaMA-Factory does not do before loading weights. Returns a list of problems."""
-    problems = []
-    info = json.loads(dataset_info.read_text(encoding="utf-8")) if dataset_info.exists() else {}
-    for key in ("dataset", "eval_dataset"):
-        for name in str(args.get(key) or "").split(","):
-            name = name.strip()
-            if name and name not in info:
-                problems.append(f"{key}: {name!r} is not in {dataset_info}; register it with "
-                                f"`llamafactory-ext register {name} FILE` (known: {', '.join(info)})")
-    ds = args.get("deepspeed")
-    if ds and isinstance(ds, str) and not Path(ds).is_file():
-        problems.append(f"deepspeed: {ds} does not exist")
-    return problems
-
-
-def data_notes(args: dict, dataset_info: Path = Path("dataset_info.json")) -> list[str]:
-    """Registered datasets whose file is not built yet (a warning for dry runs)."""
-    info = json.loads(dataset_info.read_text(encoding="utf-8")) if dataset_info.exists() else {}
-    notes = []
-    for name in str(args.get("dataset") or "").split(","):
-        entry = info.get(name.strip())
-        if entry and "file_name" in entry and not (dataset_info.parent / entry["file_name"]).exists():
-            notes.append(f"note: {name.strip()} -> {entry['file_name']} is not built yet; "
-                         f"run `make data MODEL={args.get('template')} IN=/path/to/paper_review.jsonl` first")
-    return notes
-
-
 def cmd_sft(ns: argparse.Namespace) -> int:
-    args, rdir = sft_args(ns)
-    env = _env(ns, args)
-    problems = validate_sft_args(args)
+    from llamafactory_ext import parsecheck
+
+    args, rdir, choice = sft_args(ns)
+    family = families.get(ns.model)
+    env = launch_env(ns, args)
+    notes, pending = ensure_inputs(args, family, dry_run=ns.dry_run)
+    problems = sft_problems(args, family, pending, notes if ns.dry_run else None)
+    if not problems:
+        problems = parsecheck.check(args)
     final = rdir / "sft_args.yaml"
     if ns.dry_run:
-        print(f"# resolved from {resolve_recipe(ns.model, ns.data)}; would be written to {final}")
+        print(f"# resolved from {choice.recipe}" + (f" with dataset {choice.dataset}" if choice.dataset else "")
+              + f"; would be written to {final}")
+        for n in notes:
+            print(f"# {n}")
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        raise UserError(f"{len(problems)} problem(s) with the arguments above; nothing was started")
+    said = decide_resume(args, rdir, ns.resume or "auto", dry_run=ns.dry_run)
+    if ns.dry_run:
         print(dump_yaml(args))
         launch = {k: env[k] for k in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR",
                                       "MASTER_PORT") if k in env}
         print(f"# launch: {' '.join(f'{k}={v}' for k, v in launch.items())} llamafactory-cli train {final}")
-        problems += parse_check(args)
-        for note in data_notes(args):
-            print(note)
-        for p in problems:
-            print(f"error: {p}", file=sys.stderr)
-        print("dry run: " + ("arguments OK (no weights loaded)" if not problems else f"{len(problems)} problem(s)"))
-        return 1 if problems else 0
-    if problems:
-        raise UserError("; ".join(problems))
-    out = Path(args["output_dir"])
-    if (ns.resume in ("never", "fresh", "no")) and out.exists():
-        aside = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        print(f"RESUME={ns.resume}: moved the previous run aside to {aside} (nothing deleted)")
-    else:  # sft_args() already chose the checkpoint (auto) or checked the given one
-        ck = args.get("resume_from_checkpoint")
-        print(f"resuming from {ck}" if ck else f"starting a new run in {out}")
+        for s in said:
+            print(f"# {s}")
+        print("dry run: arguments OK (no weights loaded)")
+        return 0
+    for s in said:
+        print(s, file=sys.stderr if s.startswith("skipping") else sys.stdout)
     rdir.mkdir(parents=True, exist_ok=True)
+    if "resume_from_checkpoint" not in args:  # a new run: record what defines it
+        runs.write_identity(rdir, runs.identity(args, args.get("dataset_dir", ".")))
     atomic_write_text(final, dump_yaml(args))
+    if not _has_cuda() and family.local:
+        print(f"note: CPU run, {env.get('OMP_NUM_THREADS')} torch thread(s) (OMP_NUM_THREADS)", file=sys.stderr)
     return _launch(["llamafactory-cli", "train", str(final)], env)
 
 
-PARSE_CHILD = """
-import dataclasses, json, sys, typing
-from llamafactory.hparams import get_train_args
-for line in sys.stdin:
-    a = json.loads(line)
-    if a.get("bf16") or a.get("fp16"):
-        a.setdefault("use_cpu", True)  # only for validation on a machine without a GPU
-    if a.get("enable_liger_kernel"):
-        try:
-            import liger_kernel  # noqa: F401  (GPU extra)
-        except ImportError:
-            a["enable_liger_kernel"] = False  # LLaMA-Factory requires the package; validate the rest
-    try:
-        parsed = get_train_args(a)
-        # HfArgumentParser.parse_dict does not enforce Literal choices (quantization_type: nf5 passes)
-        for obj in parsed:
-            hints = typing.get_type_hints(type(obj))
-            for field in dataclasses.fields(obj):
-                kind = hints.get(field.name)
-                args = typing.get_args(kind)
-                if typing.get_origin(kind) is typing.Union:
-                    lits = [x for x in args if typing.get_origin(x) is typing.Literal]
-                    kind, args = (lits[0], typing.get_args(lits[0])) if lits else (kind, ())
-                value = getattr(obj, field.name)
-                if typing.get_origin(kind) is typing.Literal and value is not None and value not in args:
-                    raise ValueError(f"{field.name}: {value!r} is not one of {list(args)}")
-        print("PARSED " + json.dumps({"model_max_length": parsed[0].model_max_length}), flush=True)
-    except BaseException as e:
-        msg = (str(e) or type(e).__name__).strip().splitlines()
-        print("FAILED " + json.dumps(type(e).__name__ + ": " + (msg[-1] if msg else "")), flush=True)
-"""
-
-
-def parse_check_many(arg_dicts: list[dict]) -> list[list[str]]:
-    """LLaMA-Factory's own argument parser (`get_train_args`, unknown keys are errors) on each dict,
-    in one child process. Loads no weights. On a CPU machine it poses as rank 0 of 1 so DeepSpeed
-    recipes parse, and sets `use_cpu` so bf16 recipes parse."""
-    import socket
-
-    import torch
-
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    if not torch.cuda.is_available():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-    stdin = "".join(json.dumps(a) + "\n" for a in arg_dicts)
-    p = subprocess.run([sys.executable, "-c", PARSE_CHILD], input=stdin, text=True, capture_output=True, env=env)
-    results = [ln for ln in p.stdout.splitlines() if ln.startswith(("PARSED ", "FAILED "))]
-    out = []
-    for i in range(len(arg_dicts)):
-        if i >= len(results):
-            tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-            out.append([f"LLaMA-Factory's parser crashed: {tail}"])
-        elif results[i].startswith("FAILED "):
-            out.append([f"LLaMA-Factory rejected the arguments: {json.loads(results[i][7:])}"])
-        else:
-            out.append([])
-    return out
-
-
-def parse_check(args: dict) -> list[str]:
-    return parse_check_many([args])[0]
-
-
-def _trained_args(ns: argparse.Namespace) -> tuple[dict, Path]:
-    """The arguments the last `make sft` of this MODEL x DATA used (falls back to the recipe)."""
-    rdir = run_dir(ns.model, ns.data)
+# ------------------------------------------------------------------------------------------ merge
+def trained_args(ns: argparse.Namespace) -> tuple[dict, Path]:
+    """The arguments the last `make sft` of this run used (falls back to the recipe)."""
+    rdir = runs.run_dir(ns.model, ns.data, ns.run)
     saved = rdir / "sft_args.yaml"
     if saved.exists():
-        args = load_yaml(saved)
+        args = recipes.load_yaml(saved)
     else:
-        args = load_yaml(resolve_recipe(ns.model, ns.data))
+        choice = recipes.resolve(ns.model, ns.data)
+        args = recipes.load_yaml(choice.recipe)
+        if choice.dataset:
+            args["dataset"] = choice.dataset
     if ns.model_path:
         args["model_name_or_path"] = ns.model_path
+    if ns.template:
+        args["template"] = ns.template
     return args, rdir
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
-    trained, rdir = _trained_args(ns)
+    trained, rdir = trained_args(ns)
+    ensure_inputs({"model_name_or_path": trained.get("model_name_or_path")}, families.get(ns.model),
+                  dry_run=ns.dry_run)
     adapter = Path(trained.get("output_dir", rdir / "adapter"))
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no trained adapter in {adapter}; run `make sft MODEL={ns.model} DATA={ns.data}` first")
@@ -385,66 +425,111 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     if trained.get("rope_scaling"):  # bake the training-time RoPE scaling into the merged config.json
         args["rope_scaling"] = trained["rope_scaling"]
         args["cutoff_len"] = trained.get("cutoff_len", 2048)
-    args.update(parse_overrides(ns.overrides))
+    args.update(parse_overrides(ns.overrides, "merge"))
     if ns.dry_run:
         print(dump_yaml(args))
         return 0
-    rdir.mkdir(parents=True, exist_ok=True)
     final = rdir / "merge_args.yaml"
     tmp = merged.with_name("merged.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args["export_dir"] = str(tmp)
-    atomic_write_text(final, dump_yaml(args))
-    rc = _launch(["llamafactory-cli", "export", str(final)], _env(ns, {}))
+    atomic_write_text(final, dump_yaml({**args, "export_dir": str(tmp)}))
+    rc = _launch(["llamafactory-cli", "export", str(final)], launch_env(ns, {}))
     if rc == 0:
         if merged.exists():
             shutil.rmtree(merged)
         tmp.rename(merged)
-        args["export_dir"] = str(merged)
         atomic_write_text(final, dump_yaml(args))
         print(f"merged model: {merged}")
     return rc
 
 
-def predict_dataset(ns: argparse.Namespace) -> str:
-    if ns.dataset:
-        return ns.dataset
-    if ns.data in TEST_DATASETS:
-        return TEST_DATASETS[ns.data]
-    family = TEMPLATES.get(ns.model, ns.model)
-    return f"paper_review_test_{family}"
+# ------------------------------------------------------------------------------------------ predict
+def predict_target(ns: argparse.Namespace, trained: dict, rdir: Path, family: families.Family
+                   ) -> tuple[str, str, Path, Path | None]:
+    """(dataset, dataset_dir, output root, ids file) for this predict: --papers FILE, --dataset, or the test
+    split that belongs to the training data (its manifest)."""
+    if ns.papers:
+        return papers_dataset(ns, trained, rdir, family)
+    dataset_dir = trained.get("dataset_dir", ".")
+    info = manifest.load_info(dataset_dir)
+    dataset = ns.dataset
+    if not dataset:
+        trains = _datasets(trained)
+        dataset = recipes.test_dataset(trains[0], info, dataset_dir) if trains else None
+        if not dataset:
+            raise UserError(f"no test split is known for {','.join(trains) or 'this run'} (no manifest names one); "
+                            f"pass DATASET=<registered test split> or PAPERS=file.jsonl")
+    problems = data_problems({**trained, "eval_dataset": dataset}, family, key="eval_dataset", mode="inference")
+    if problems:
+        raise UserError("; ".join(problems))
+    return dataset, dataset_dir, rdir / "predict", manifest.dataset_file(dataset, info, dataset_dir)
+
+
+def papers_dataset(ns: argparse.Namespace, trained: dict, rdir: Path, family: families.Family
+                   ) -> tuple[str, str, Path, Path]:
+    """PAPERS=file.jsonl: convert + cut to the family's inference budget into runs/<run>/predict/<stem>/,
+    registered in a dataset_info.json of that folder (the project's own is not touched)."""
+    from llamafactory_ext.convert import convert
+    from llamafactory_ext.register import register
+    from llamafactory_ext.truncate import truncate
+
+    src = Path(ns.papers)
+    if not src.is_file():
+        raise UserError(f"PAPERS={src}: no such file")
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", src.stem)
+    root = rdir / "predict" / stem
+    root.mkdir(parents=True, exist_ok=True)
+    conv = convert(src, root / "converted.jsonl", allow_missing_output=True)
+    print(f"papers: {conv.summary(False)}", file=sys.stderr)
+    tokenizer = str(trained["model_name_or_path"])
+    st = truncate(root / "converted.jsonl", root / "papers.jsonl", tokenizer=tokenizer, template=trained["template"],
+                  inference=True, paper_tokens=family.paper_budget, plot=False)
+    print(f"papers: {st.records} papers, {st.cut} cut to {family.paper_budget} tokens", file=sys.stderr)
+    register("papers", root / "papers.jsonl", root / "dataset_info.json", force=True)
+    return "papers", str(root), root, root / "papers.jsonl"
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
-    trained, rdir = _trained_args(ns)
-    merged = Path(ns.model_dir) if ns.model_dir else rdir / "merged"
-    if not (merged / "config.json").is_file():
-        raise UserError(f"no merged model in {merged}; run `make merge MODEL={ns.model} DATA={ns.data}` first")
-    temps = parse_temps(ns.temps or str(ns.temp))
-    dataset = predict_dataset(ns)
-    problems = validate_sft_args({"eval_dataset": dataset})
-    if problems:
-        raise UserError("; ".join(problems))
-    defaults = PREDICT_DEFAULTS.get(ns.model, {})
+    trained, rdir = trained_args(ns)
+    family = families.get(ns.model)
+    if ns.base:
+        model = str(trained["model_name_or_path"])
+        ensure_inputs({"model_name_or_path": model}, family, dry_run=ns.dry_run)
+    else:
+        model = ns.model_dir or str(rdir / "merged")
+        if not (Path(model) / "config.json").is_file():
+            raise UserError(f"no merged model in {model}; run `make merge MODEL={ns.model} DATA={ns.data}` first "
+                            f"(or BASE=1 for the untuned base model)")
+    temps = parse_temps(ns.temps or str(ns.temp if ns.temp is not None else family.temps[0]))
+    dataset, dataset_dir, out_root, split = predict_target(ns, trained, rdir, family)
+    ids = out_root / "papers.jsonl"
+    if split is not None and split != ids and not ns.dry_run:
+        # the predicted papers beside the reviews: they name the papers for extract, and give
+        # `make judge` the paper texts
+        from llamafactory_ext.fileio import atomic_write
+
+        with open(split, "rb") as src, atomic_write(ids) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    prefix = "base_" if ns.base else ""
     outs = []
     for t in temps:
-        out = rdir / "predict" / f"temp_{t:g}"
+        out = out_root / f"{prefix}temp_{t:g}"
         args = {
             "stage": "sft",
             "do_predict": True,
             "predict_with_generate": True,
-            "model_name_or_path": str(merged),
+            "model_name_or_path": model,
             "template": trained["template"],
             "eval_dataset": dataset,
-            "dataset_dir": trained.get("dataset_dir", "."),
+            "dataset_dir": dataset_dir,
             # LLaMA-Factory counts the reference review in the predict budget and, when over, cuts the END
-            # of the prompt (the `[/INST]` / `<start_of_turn>model` marker). Papers are already cut by
-            # `truncate --inference`, so the budget here only has to never bite.
+            # of the prompt (the `[/INST]` / `<start_of_turn>model` marker). Papers are already cut to the
+            # family's inference budget, so the budget here only has to never bite.
             "cutoff_len": PREDICT_CUTOFF,
             "do_sample": t > 0,
             "temperature": t if t > 0 else 1.0,
             "top_p": ns.top_p,
-            "max_new_tokens": ns.max_new_tokens or defaults.get("max_new_tokens", 1024),
+            "max_new_tokens": ns.max_new_tokens or family.max_new_tokens,
             "per_device_eval_batch_size": ns.batch_size,
             "output_dir": str(out),
             "overwrite_output_dir": True,
@@ -454,81 +539,97 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         }
         if ns.max_samples:
             args["max_samples"] = ns.max_samples
-        args.update(parse_overrides(ns.overrides))
+        args.update(parse_overrides(ns.overrides, "predict"))
         if ns.dry_run:
             print(dump_yaml(args))
             continue
-        final = rdir / f"predict_args_temp_{t:g}.yaml"
+        final = out_root / f"predict_args_{prefix}temp_{t:g}.yaml"
         atomic_write_text(final, dump_yaml(args))
         if ns.backend == "vllm":
             from llamafactory_ext import vllm_predict
 
-            vllm_predict.predict(str(merged), args["template"], dataset, out, temperature=t, top_p=ns.top_p,
-                                 max_new_tokens=args["max_new_tokens"], seed=ns.seed,
-                                 dataset_dir=args["dataset_dir"], max_samples=ns.max_samples, bf16=args["bf16"])
+            vllm_predict.predict(model, args["template"], dataset, out, temperature=t, top_p=ns.top_p,
+                                 max_new_tokens=args["max_new_tokens"], seed=ns.seed, dataset_dir=dataset_dir,
+                                 max_samples=ns.max_samples, bf16=args["bf16"])
         else:
-            rc = _launch(["llamafactory-cli", "train", str(final)], _env(ns, {}))
+            rc = _launch(["llamafactory-cli", "train", str(final)], launch_env(ns, {}))
             if rc != 0:
                 return rc
         outs.append(out)
     if outs and not ns.no_extract:
-        return extract_all(ns, outs, dataset, rdir, trained.get("dataset_dir", "."))
+        extract_all(out_root, ids if split is not None else None)
     return 0
 
 
-def extract_all(ns: argparse.Namespace, outs: list[Path], dataset: str, rdir: Path,
-                dataset_dir: str = ".") -> int:
-    """reviews.jsonl + per-paper Markdown + ONE metrics table over every temperature predicted so far
-    (this call's and earlier ones': `TEMP=0.35` then `TEMP=0.5` gives two rows)."""
+def extract_all(out_root: Path, ids: Path | None) -> list[dict]:
+    """reviews.jsonl + per-paper Markdown + ONE metrics table over every run predicted into `out_root` so far
+    (this call's and earlier ones': base and tuned, every temperature)."""
     from llamafactory_ext import extract
 
-    info_path = Path(dataset_dir) / "dataset_info.json"
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    ids = Path(dataset_dir) / info[dataset]["file_name"]
-    if not ids.is_file():
-        raise UserError(f"{ids} (the test split {dataset!r}) is missing: papers could not be named; "
-                        f"run `make data` again")
-    runs = sorted({*outs, *(p.parent for p in (rdir / "predict").glob("temp_*/generated_predictions.jsonl"))},
-                  key=lambda p: float(p.name.split("_", 1)[1]))
-    argv = [str(o / "generated_predictions.jsonl") for o in runs] + ["--out", str(rdir / "predict"),
-                                                                    "--ids", str(ids)]
-    for o in runs:
-        argv += ["--name", o.name]
-    p = argparse.ArgumentParser()
-    extract.add_arguments(p)
-    return extract.run(p.parse_args(argv))
+    if ids is not None and not ids.is_file():
+        raise UserError(f"{ids} (the predicted split) is missing: papers could not be named; run `make data` again")
+
+    def order(p: Path) -> tuple:
+        base, _, t = p.name.rpartition("temp_")
+        return (base != "base_", float(t))
+
+    done = sorted((p.parent for p in out_root.glob("*temp_*/generated_predictions.jsonl")), key=order)
+    rows = extract.extract([p / "generated_predictions.jsonl" for p in done], out_root, ids, [p.name for p in done])
+    sys.stdout.write(extract.format_markdown(rows))
+    print(f"metrics: {out_root / 'metrics.csv'} ({out_root / 'metrics.md'})")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=families.DEFAULT, help=f"model family: {' | '.join(families.names())}")
+    p.add_argument("--data", default="sample",
+                   help="a shipped recipe's DATA (sample, 5k, 15k, ...) or your dataset NAME from `make data`")
+    p.add_argument("--run", default=None, help="run folder name under runs/ (default: <model>_<data>)")
+    p.add_argument("--model-path", default=None, help="local path or hub id replacing the recipe's model")
+    p.add_argument("--template", default=None, help="LLaMA-Factory template replacing the family's")
+    p.add_argument("--dry-run", action="store_true", help="print and validate the final arguments; load nothing")
+    p.add_argument("overrides", nargs="*", help="key=value LLaMA-Factory arguments")
+
+
+def _distributed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", default=None, help="processes (GPUs) per node (default: NPROC_PER_NODE or all GPUs)")
+    p.add_argument("--nnodes", default=None)
+    p.add_argument("--node-rank", default=None)
+    p.add_argument("--master-addr", default=None)
+    p.add_argument("--master-port", default=None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("sft", "merge", "predict"))
-    p.add_argument("--model", default=os.environ.get("MODEL") or "tiny", help="tiny | tiny_gemma | mistral | gemma")
-    p.add_argument("--data", default=os.environ.get("DATA") or "sample", help="sample | 5k | 15k")
-    p.add_argument("--model-path", default=os.environ.get("MODEL_PATH") or None,
-                   help="local path replacing the recipe's model id")
-    p.add_argument("--rope", default=os.environ.get("ROPE") or None, help="linear | dynamic")
-    p.add_argument("--cutoff", default=os.environ.get("CUTOFF") or None, help="override cutoff_len")
-    p.add_argument("--resume", default=os.environ.get("RESUME") or None,
-                   help="auto (default: last checkpoint in the run folder) | never | path/to/checkpoint-N")
-    p.add_argument("--nproc", default=os.environ.get("NPROC") or None, help="processes (GPUs) per node")
-    p.add_argument("--nnodes", default=os.environ.get("NNODES") or None)
-    p.add_argument("--node-rank", default=os.environ.get("NODE_RANK") or None)
-    p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR") or None)
-    p.add_argument("--master-port", default=os.environ.get("MASTER_PORT") or None)
-    p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN", "").strip().lower() not in ("", "0", "false", "no", "off"),
-                   help="print and validate the final arguments; load nothing")
-    # predict
-    p.add_argument("--temp", type=float, default=float(os.environ.get("TEMP") or 0.35))
-    p.add_argument("--temps", default=os.environ.get("TEMPS") or None, help='sweep, e.g. "0.35 0.5"')
-    p.add_argument("--top-p", type=float, default=float(os.environ.get("TOP_P") or 0.9))
-    p.add_argument("--max-new-tokens", type=int, default=int(os.environ.get("MAX_NEW_TOKENS") or 0) or None)
-    p.add_argument("--max-samples", type=int, default=int(os.environ.get("MAX_SAMPLES") or 0) or None)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dataset", default=os.environ.get("TEST_DATASET") or None, help="registered test split")
-    p.add_argument("--model-dir", default=None, help="model to predict with (default: runs/<model>_<data>/merged)")
-    p.add_argument("--backend", default=os.environ.get("BACKEND") or "huggingface", choices=("huggingface", "vllm"))
-    p.add_argument("--no-extract", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value LLaMA-Factory arguments")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sft = sub.add_parser("sft", help="train (LoRA/QLoRA) with llamafactory-cli train", allow_abbrev=False)
+    _common(sft)
+    sft.add_argument("--rope", default=None, help="RoPE scaling: linear | dynamic")
+    sft.add_argument("--cutoff", default=None, help="override cutoff_len (e.g. 8192 or 8k)")
+    sft.add_argument("--resume", default="auto",
+                     help="auto (default: the newest whole checkpoint of this run) | never | path/to/checkpoint-N")
+    _distributed(sft)
+    merge = sub.add_parser("merge", help="merge the adapter into the base with llamafactory-cli export",
+                           allow_abbrev=False)
+    _common(merge)
+    pred = sub.add_parser("predict", help="generate reviews of a test split or a file, then metrics",
+                          allow_abbrev=False)
+    _common(pred)
+    pred.add_argument("--temp", type=float, default=None, help="temperature (default: the family's, 0.35)")
+    pred.add_argument("--temps", default=None, help='sweep, e.g. "0.35 0.5"')
+    pred.add_argument("--top-p", type=float, default=0.9)
+    pred.add_argument("--max-new-tokens", type=int, default=None, help="default: the family's")
+    pred.add_argument("--max-samples", type=int, default=None)
+    pred.add_argument("--batch-size", type=int, default=1)
+    pred.add_argument("--seed", type=int, default=42)
+    pred.add_argument("--dataset", default=None, help="registered test split (default: the training data's)")
+    pred.add_argument("--papers", default=None, metavar="FILE",
+                      help="predict on any paper-review JSONL ({input[, output]}) instead of the test split")
+    pred.add_argument("--base", action="store_true", help="the untuned base model instead of runs/<run>/merged")
+    pred.add_argument("--model-dir", default=None, help="model to predict with (default: runs/<run>/merged)")
+    pred.add_argument("--backend", default="huggingface", choices=("huggingface", "vllm"))
+    pred.add_argument("--no-extract", action="store_true")
+    _distributed(pred)
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ import argparse
 import bisect
 import csv
 import io
-import json
 import random
 import re
 import sys
@@ -34,7 +33,6 @@ from llamafactory_ext.fileio import atomic_write, atomic_write_text
 NEEDLE = "The special magic number is {number}."
 QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "paper_review.jsonl"
-TEMPLATES = {"mistral": "mistral", "gemma": "gemma", "qwen2": "qwen", "qwen3": "qwen3"}
 FIELDS = ["length", "depth", "trial", "prompt_tokens", "context_tokens", "needle_token", "actual_depth",
           "number", "correct", "response"]
 
@@ -190,14 +188,10 @@ def score(response: str, number: int) -> bool:
 
 
 def guess_template(model: str) -> str | None:
-    """LLaMA-Factory template for the model family (config.json model_type, else the name)."""
-    cfg = Path(model) / "config.json"
-    kind = ""
-    if cfg.is_file():
-        kind = str(json.loads(cfg.read_text()).get("model_type", ""))
-    else:
-        kind = next((k for k in TEMPLATES if k in model.lower()), "")
-    return TEMPLATES.get(kind)
+    """LLaMA-Factory template for the model (the family table: its run, hub id, config.json model_type)."""
+    from llamafactory_ext.families import guess_template as from_families
+
+    return from_families(model)
 
 
 def load_chat_model(model: str, template: str | None, rope_scaling: str | None, adapter: str | None,

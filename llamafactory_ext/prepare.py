@@ -1,117 +1,140 @@
-"""`make data`: convert -> split -> truncate -> register, in one command.
+"""`make data`: convert -> split by paper -> truncate -> manifest -> register, for one model family.
 
-    llamafactory-ext data                                         # the 36-paper sample, for the tiny models
-    llamafactory-ext data --model mistral --in paper_review.jsonl # your data, for a real recipe
+    llamafactory-ext data --model smollm2                          # the shipped 36-paper sample
+    llamafactory-ext data --model mistral --in paper_review.jsonl  # your data, today's names
+    llamafactory-ext data --model tiny --in mine.jsonl --name mine --test-size 6 --jq '{input: .paper, output: .review}'
 
-The sample becomes `sample_train` / `sample_test` (data/build/sample/). Your data becomes
-`paper_review_{5k,15k}_<model>` (nested: the 5K records are the first 5K of the 15K) and
-`paper_review_test_<model>`, truncated with that model's tokenizer and chat template so that
-LLaMA-Factory's `cutoff_len` never has to cut anything (it would cut the end of the prompt, i.e.
-the `[/INST]` marker, or the review). Test papers keep their first 7 x 1024 tokens (inference).
-Each step is the same command you can run by hand (`llamafactory-ext convert|split|truncate|register`).
+Dataset names it registers (in dataset_info.json):
+  - no --in: the sample, `<sample>_train` / `<sample>_test` (`sample_train` for MODEL=tiny,
+    `sample_smollm2_train` for smollm2, ...; see families.py);
+  - --in without --name: `paper_review_{5k,15k}_<model>` (nested: the 5K records are the first 5K of
+    the 15K) and `paper_review_test_<model>`;
+  - --in with --name N: `N_train` (every training paper), `N_test`, and `N_<size>` for each of --sizes.
+Training records are cut with the family's tokenizer and chat template so that instruction + paper +
+review + template tokens fit the budget (--cutoff, default the family's `cutoff_len`); reviews are never
+cut. Test papers keep their first `paper_budget` tokens (inference). Each file gets a manifest
+(`<file>.manifest.json`, see manifest.py) that `run sft` / `run predict` check before they start.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import sys
 from pathlib import Path
 
-from llamafactory_ext import UserError
+from llamafactory_ext import UserError, families, manifest
 
-# model -> (tokenizer default, template, training budget = the recipes' cutoff_len)
-MODELS = {
-    "mistral": ("mistralai/Mistral-7B-Instruct-v0.2", "mistral", 12288),
-    "gemma": ("google/gemma-7b-it", "gemma", 12288),
-}
 SAMPLE_IN = Path("data/sample/paper_review.jsonl")
-# tiny recipes: cutoff_len 1024, minus room for either tiny template's own tokens
-SAMPLE_TRAIN_TOKENS = 1000
-SAMPLE_PAPER_TOKENS = 700
-INFERENCE_PAPER_TOKENS = 7 * 1024  # the seed's inference truncation
+BUILD = Path("data/build")
+DEFAULT_SIZES = "5000,15000"  # without --name: the seed's two training sets
+DEFAULT_TEST_SIZE = "500"  # papers held out for predict (with --in)
 
 
-def step(command: str, argv: list[str]) -> None:
-    """Run one `llamafactory-ext <command>` in this process (same parser, same checks)."""
-    from llamafactory_ext.cli import COMMANDS
-
-    module = importlib.import_module(COMMANDS[command][0])
-    parser = argparse.ArgumentParser(prog=f"llamafactory-ext {command}")
-    module.add_arguments(parser)
-    print(f"+ llamafactory-ext {command} {' '.join(argv)}", flush=True)
-    rc = module.run(parser.parse_args(argv))
-    if rc:
-        raise UserError(f"`llamafactory-ext {command}` failed (exit {rc}); see its message above")
-
-
-def prepare_sample(build: Path = Path("data/build/sample"), dataset_info: str = "dataset_info.json",
-                   tokenizer: str | None = None, src: Path = SAMPLE_IN, test_size: int = 6) -> dict[str, Path]:
-    if tokenizer is None:
-        from llamafactory_ext import tiny
-
-        tokenizer = str(tiny.build("mistral"))
-    step("convert", [str(src), str(build / "all.jsonl")])
-    step("split", [str(build / "all.jsonl"), "--test-size", str(test_size), "--seed", "0", "--out-dir", str(build)])
-    step("truncate", [str(build / "all_train.jsonl"), str(build / "train.jsonl"), "--tokenizer", tokenizer,
-                      "--template", "mistral", "--max-tokens", str(SAMPLE_TRAIN_TOKENS)])
-    step("truncate", [str(build / "all_test.jsonl"), str(build / "test.jsonl"), "--tokenizer", tokenizer,
-                      "--template", "mistral", "--max-tokens", str(SAMPLE_TRAIN_TOKENS), "--inference",
-                      "--paper-tokens", str(SAMPLE_PAPER_TOKENS)])
-    out = {"sample_train": build / "train.jsonl", "sample_test": build / "test.jsonl"}
-    for name, path in out.items():
-        step("register", [name, str(path), "--dataset-info", dataset_info])
-    return out
+def parse_tokens(name: str, value) -> int:
+    """`8192` or `8k` -> 8192; anything else is a clear error."""
+    text = str(value).strip().lower()
+    try:
+        n = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"{name}={value!r}: expected a positive whole number of tokens (e.g. 8192 or 8k)")
+    return n
 
 
-def prepare_model(model: str, src: Path, tokenizer: str | None = None, test_size: str = "500",
-                  sizes: str = "5000,15000", build_root: Path = Path("data/build/paper_review"),
-                  dataset_info: str = "dataset_info.json") -> dict[str, Path]:
-    if model not in MODELS:
-        raise UserError(f"unknown MODEL={model!r} for `make data`; valid values: {', '.join(MODELS)} "
-                        "(the sample for the tiny models needs no IN=: `make data`)")
-    default_tok, template, budget = MODELS[model]
-    tokenizer = tokenizer or default_tok
-    build = build_root / model
-    step("convert", [str(src), str(build / "all.jsonl")])
-    step("split", [str(build / "all.jsonl"), "--test-size", test_size, "--sizes", sizes, "--seed", "0",
-                   "--out-dir", str(build)])
-    from llamafactory_ext.split import parse_sizes, size_name
+def prepare(model: str, src: str | Path | None = None, name: str | None = None, *, cutoff=None,
+            paper_tokens=None, test_size=None, sizes: str | None = None, jq: str | None = None,
+            model_path: str | None = None, dataset_info: str | Path = "dataset_info.json",
+            build_root: Path = BUILD, seed: int = 0) -> dict[str, dict]:
+    """Build and register the datasets of one family; returns {dataset name: manifest}."""
+    from llamafactory_ext.convert import convert
+    from llamafactory_ext.register import register
+    from llamafactory_ext.split import parse_sizes, parse_test_size, size_name, split
+    from llamafactory_ext.truncate import load_template, load_tokenizer, truncate
 
-    tags = [size_name(n) for n in parse_sizes(sizes)]  # "5000,15000" or "5k,15k" -> ["5k", "15k"]
+    fam = families.get(model)
+    budget = parse_tokens("CUTOFF", cutoff) if cutoff else fam.train_budget
+    paper_budget = parse_tokens("PAPER_TOKENS", paper_tokens) if paper_tokens else fam.paper_budget
+    if name is not None and not name.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"NAME={name!r}: use letters, digits, '_' and '-' (it becomes the dataset names "
+                        f"{name}_train and {name}_test)")
+    if src is None:
+        if name or sizes or jq:
+            raise UserError("NAME=, SIZES= and JQ= need IN=/path/to/paper_review.jsonl (without IN, "
+                            "`make data` builds the shipped sample)")
+        src, prefix, build = SAMPLE_IN, fam.sample, build_root / fam.sample
+        test_size = test_size or fam.sample_test
+    else:
+        prefix = name
+        build = build_root / name if name else build_root / "paper_review" / fam.name
+        sizes = sizes if sizes is not None else (None if name else DEFAULT_SIZES)
+        test_size = test_size or DEFAULT_TEST_SIZE
+    src = Path(src)
+    if not src.is_file():
+        raise UserError(f"IN={src}: no such file" if not src.exists() else f"IN={src} is not a file")
+    size_list = parse_sizes(sizes) if sizes else []
+    test_size = parse_test_size(str(test_size))
+
+    # the tokenizer first: a wrong MODEL_PATH fails in a second, not after the conversion
+    tokenizer = str(model_path) if model_path else str(families.ensure_model(fam))
+    tok = load_tokenizer(tokenizer)
+    load_template(tok, fam.template)  # fixes eos/pad exactly as training will, before fingerprinting
+    tok_sha = manifest.tokenizer_fingerprint(tok)
+    src_sha = manifest.sha256_file(src)
+
+    print(f"data: {src} -> {build}/ for MODEL={fam.name} (template {fam.template}, tokenizer {tokenizer}, "
+          f"{budget} tokens per training record, {paper_budget} paper tokens at inference)", file=sys.stderr)
+    conv = convert(src, build / "all.jsonl", jq_program=jq)
+    print(f"convert: {conv.summary(False)}", file=sys.stderr)
+    parts = split(build / "all.jsonl", test_size=test_size, sizes=size_list, seed=seed, out_dir=build)
+
+    if prefix is None:  # today's names for --in without --name
+        test_name = f"paper_review_test_{fam.name}"
+        trains = {f"paper_review_{size_name(k)}_{fam.name}": (p, build / f"train_{size_name(k)}.jsonl", k)
+                  for k, p in parts.subsets.items()}
+    else:
+        test_name = f"{prefix}_test"
+        trains = {f"{prefix}_train": (parts.train, build / "train.jsonl", parts.counts["train"])}
+        trains.update({f"{prefix}_{size_name(k)}": (p, build / f"train_{size_name(k)}.jsonl", k)
+                       for k, p in parts.subsets.items()})
+    common = {"family": fam.name, "tokenizer": tokenizer, "tokenizer_sha256": tok_sha, "template": fam.template,
+              "source": str(src), "source_sha256": src_sha, "read": conv.read, "accepted": conv.accepted,
+              "rejected": conv.rejected, "test_size": parts.papers["test"], "seed": seed}
+    jobs = [(n, *job, False) for n, job in trains.items()]
+    jobs.append((test_name, parts.test, build / "test.jsonl", parts.counts["test"], True))
     out = {}
-    for tag in tags:
-        dst = build / f"train_{tag}.jsonl"
-        step("truncate", [str(build / f"all_train_{tag}.jsonl"), str(dst), "--tokenizer", tokenizer,
-                          "--template", template, "--max-tokens", str(budget)])
-        out[f"paper_review_{tag}_{model}"] = dst
-    dst = build / "test.jsonl"
-    step("truncate", [str(build / "all_test.jsonl"), str(dst), "--tokenizer", tokenizer, "--template", template,
-                      "--max-tokens", str(budget), "--inference", "--paper-tokens", str(INFERENCE_PAPER_TOKENS)])
-    out[f"paper_review_test_{model}"] = dst
-    for name, path in out.items():
-        step("register", [name, str(path), "--dataset-info", dataset_info, "--force"])
+    for dataset, split_file, dst, n_in, inference in jobs:
+        st = truncate(split_file, dst, tokenizer=tokenizer, max_tokens=budget, template=fam.template,
+                      inference=inference, paper_tokens=paper_budget)
+        if st.records == 0:
+            raise UserError(f"{dataset}: every record was dropped (instruction + review alone exceed {budget} "
+                            f"tokens); see {dst}.rejects.jsonl and raise CUTOFF")
+        doc = manifest.write(dst, dataset=dataset, mode="inference" if inference else "train",
+                             budget=None if inference else budget, paper_tokens=paper_budget if inference else None,
+                             split_records=n_in, records=st.records, cut=st.cut, dropped=st.dropped,
+                             test_dataset=None if inference else test_name, **common)
+        register(dataset, dst, dataset_info, force=True)
+        out[dataset] = doc
+        print(f"registered {dataset}: {dst} ({st.records} records, {st.cut} cut, {st.dropped} dropped)")
     return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="mistral | gemma (omit for the sample / tiny models)")
-    p.add_argument("--in", dest="src", default=None, help="your paper-review JSONL (needed with --model)")
+    p.add_argument("--model", default=families.DEFAULT,
+                   help=f"model family: {' | '.join(families.names())} (default {families.DEFAULT})")
+    p.add_argument("--in", dest="src", default=None, help="your paper-review JSONL (default: the shipped sample)")
+    p.add_argument("--name", default=None, help="dataset name: registers NAME_train, NAME_test (, NAME_<size>)")
     p.add_argument("--model-path", default=None, help="local model folder whose tokenizer to use")
-    p.add_argument("--test-size", default="500", help="papers held out for predict (count or fraction)")
-    p.add_argument("--sizes", default="5000,15000", help="nested training subsets")
+    p.add_argument("--cutoff", default=None, help="tokens per training record (default: the family's cutoff_len)")
+    p.add_argument("--paper-tokens", default=None, help="paper tokens kept for predict (default: the family's)")
+    p.add_argument("--test-size", default=None, help="papers held out for predict: a count or a fraction")
+    p.add_argument("--sizes", default=None, help="nested training subsets in records, e.g. 5k,15k")
+    p.add_argument("--jq", default=None, metavar="FILTER", help="jq program mapping each line to {input, output}")
     p.add_argument("--dataset-info", default="dataset_info.json")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model in (None, "", "tiny", "tiny_gemma"):
-        if args.src:
-            raise UserError("--in needs --model mistral|gemma (the tiny models train on the shipped sample)")
-        paths = prepare_sample(dataset_info=args.dataset_info)
-    else:
-        if not args.src:
-            raise UserError(f"make data MODEL={args.model} needs IN=/path/to/paper_review.jsonl")
-        paths = prepare_model(args.model, Path(args.src), args.model_path, args.test_size, args.sizes,
-                              dataset_info=args.dataset_info)
-    for name, path in paths.items():
-        print(f"registered {name}: {path}")
+    prepare(args.model, args.src, args.name, cutoff=args.cutoff, paper_tokens=args.paper_tokens,
+            test_size=args.test_size, sizes=args.sizes, jq=args.jq, model_path=args.model_path,
+            dataset_info=args.dataset_info)
     return 0

@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from llamafactory_ext import REVIEWER_INSTRUCTION, UserError
+from llamafactory_ext import REVIEWER_INSTRUCTION, UserError, families
 
 ARCHS = ("mistral", "gemma")
 BUILD_VERSION = 1  # bump when the recipe below changes, to invalidate caches
@@ -31,10 +31,9 @@ SPECIAL_TOKENS = {
     "mistral": ["<unk>", "<s>", "</s>"],
     "gemma": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
 }
-DEFAULTS = {  # the real models' values where they matter for our code paths
-    "mistral": {"max_position_embeddings": 32768, "rope_theta": 1_000_000.0},  # Mistral-7B-Instruct-v0.2
-    "gemma": {"max_position_embeddings": 8192, "rope_theta": 10_000.0},  # gemma-7b-it
-}
+# the real models' positions and RoPE base, where they matter for our code paths (families.py)
+DEFAULTS = {arch: {k: families.get(arch).arch[k] for k in ("max_position_embeddings", "rope_theta")}
+            for arch in ARCHS}
 
 
 def _corpus() -> list[str]:

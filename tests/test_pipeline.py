@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, cli_env
 
-from llamafactory_ext import REVIEWER_INSTRUCTION
+from llamafactory_ext import REVIEWER_INSTRUCTION, families
 
 pytestmark = pytest.mark.slow
 
@@ -84,19 +85,26 @@ def test_adapter_written_and_loss_falls(run):
     assert last < first - 0.2, f"loss did not fall while overfitting 4 papers: {first:.3f} -> {last:.3f}"
 
 
-def test_merged_model_loads_and_generates(run):
+def test_merged_model_equals_base_plus_adapter(run):
+    """The merged model computes what the base model with the trained adapter computes (and not what the
+    base alone computes): the merge baked the adapter in, onto the unquantized base."""
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = run["dir"] / "merged"
     cfg = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in cfg, "merged onto the unquantized base"
+    base_path = yaml.safe_load((run["dir"] / "sft_args.yaml").read_text())["model_name_or_path"]
     tok = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    ids = tok("The paper proposes", return_tensors="pt")
+    ids = tok("The paper proposes a new method for reviewing papers.", return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
-    assert out.shape[1] > ids["input_ids"].shape[1]
+        got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(**ids).logits
+        base = AutoModelForCausalLM.from_pretrained(run["ws"] / base_path, dtype=torch.float32)
+        plain = base(**ids).logits
+        want = PeftModel.from_pretrained(base, run["dir"] / "adapter")(**ids).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert (got - plain).abs().max() > 1e-3, "the adapter changed nothing: the merge cannot be told from the base"
 
 
 def test_predictions_use_the_exact_chat_template(run):
@@ -108,7 +116,7 @@ def test_predictions_use_the_exact_chat_template(run):
         assert p["prompt"].endswith(tail), p["prompt"][-200:]
         assert REVIEWER_INSTRUCTION in p["prompt"]
         assert p["label"].lstrip().startswith("[Significance and novelty]")  # mistral: " {answer}"
-    args = (run["dir"] / "predict_args_temp_0.35.yaml").read_text()
+    args = (run["dir"] / "predict/predict_args_temp_0.35.yaml").read_text()
     assert "do_sample: true" in args and "temperature: 0.35" in args
 
 
@@ -130,8 +138,8 @@ def test_vllm_backend_uses_the_same_prompts(run):
     decoding is vLLM's (GPU only: here it must refuse clearly)."""
     from llamafactory_ext.vllm_predict import encode_test_split
 
-    template = "mistral" if run["model"] == "tiny" else "gemma"
-    rows, _ = encode_test_split(str(run["dir"] / "merged"), template, "sample_test", dataset_dir=str(run["ws"]))
+    fam = families.get(run["model"])
+    rows, _ = encode_test_split(str(run["dir"] / "merged"), fam.template, fam.datasets()[1], dataset_dir=str(run["ws"]))
     preds = [json.loads(x) for x in (run["dir"] / "predict/temp_0.35/generated_predictions.jsonl").open()]
     assert [r["prompt"] for r in rows] == [p["prompt"] for p in preds]
     assert [r["label"] for r in rows] == [p["label"] for p in preds]

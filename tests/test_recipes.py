@@ -17,10 +17,10 @@ import pytest
 import yaml
 from conftest import ROOT, cli_env
 
-from llamafactory_ext import launch
+from llamafactory_ext import families, parsecheck, recipes
 
 RECIPES = sorted((ROOT / "sft_recipes").glob("*.yaml"))
-REAL = {"mistral_5k", "mistral_15k", "gemma_5k", "gemma_15k"}
+REAL = {"mistral_5k", "mistral_15k", "gemma_5k", "gemma_15k", "gemma_15k_12k_liger"}
 SECTIONS = ["### model", "### method", "### dataset", "### output", "### train"]
 SEED = {  # the seed's settings, exactly (issue 4)
     "quantization_bit": 4, "quantization_method": "bnb", "quantization_type": "nf4", "double_quantization": True,
@@ -40,7 +40,9 @@ def load(p: Path) -> dict:
 
 def test_all_expected_recipes_ship():
     names = {p.stem for p in RECIPES}
-    assert REAL | {"tiny_sample", "tiny_gemma_sample"} <= names
+    assert REAL | {"tiny_sample", "tiny_gemma_sample", "smollm2_sample"} <= names
+    # every family's base recipe ships (own data trains with it)
+    assert {f.base_recipe for f in families.FAMILIES.values()} <= names
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def parsed() -> dict[str, list[str]]:
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        results = launch.parse_check_many([load(p) for p in RECIPES])
+        results = parsecheck.check_many([load(p) for p in RECIPES])
     finally:
         os.chdir(cwd)
     return {p.stem: r for p, r in zip(RECIPES, results, strict=True)}
@@ -64,10 +66,20 @@ def test_recipe_parses_through_llamafactory(parsed, recipe):
 
 def test_parser_check_is_not_a_rubber_stamp():
     args = load(ROOT / "sft_recipes/mistral_15k.yaml")
-    bad = [dict(args, lora_rnak=64), dict(args, quantization_type="nf5"), dict(args, template=None, stage="ppx")]
-    results = launch.parse_check_many(bad)
-    assert all(r and "rejected" in r[0] for r in results), results
-    assert "lora_rnak" in results[0][0]
+    bad = [dict(args, lora_rnak=64), dict(args, quantization_type="nf5"), dict(args, template=None, stage="ppx"),
+           dict(args, cutoff_len="abc", bf16="maybe", per_device_train_batch_size=0, learning_rate=-1, template=""),
+           dict(args, template="mistrall")]
+    results = parsecheck.check_many(bad)
+    assert len(results[0]) == 1 and "LLaMA-Factory rejected" in results[0][0] and "lora_rnak" in results[0][0]
+    assert results[1] == ["quantization_type: 'nf5': expected one of ['fp4', 'nf4']"]
+    assert results[2] == ["stage: 'ppx': expected one of ['pt', 'sft', 'rm', 'ppo', 'dpo', 'kto']",
+                          "template: None: expected a LLaMA-Factory template name (e.g. mistral)"]
+    # every bad key and value at once (issue 12)
+    assert sorted(results[3]) == [
+        "bf16: 'maybe': expected true or false", "cutoff_len: 'abc': expected a whole number",
+        "learning_rate: -1: must be greater than 0", "per_device_train_batch_size: 0: must be greater than 0",
+        "template: '': expected a LLaMA-Factory template name (e.g. mistral)"]
+    assert "mistral" in results[4][0] and "not a LLaMA-Factory template" in results[4][0]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -85,8 +97,8 @@ def test_recipe_layout_and_references(recipe):
         assert set(info[name]["columns"]) == {"prompt", "query", "response"}
     if args.get("deepspeed"):
         assert (ROOT / args["deepspeed"]).is_file()
-    (model, data), = [k for k, v in launch.recipes().items() if v.name == recipe.name]
-    assert args["template"] == launch.TEMPLATES[model]
+    (model, data), = [k for k, v in recipes.shipped(ROOT / "sft_recipes").items() if v.name == recipe.name]
+    assert args["template"] == families.get(model).template
     assert args["output_dir"] == f"runs/{model}_{data}/adapter" == f"runs/{recipe.stem}/adapter"
     assert args["overwrite_output_dir"] is False, "false keeps auto-resume working"
 
@@ -94,10 +106,11 @@ def test_recipe_layout_and_references(recipe):
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_recipes_have_the_seed_settings_exactly(name):
     args = load(ROOT / f"sft_recipes/{name}.yaml")
-    model, data = name.split("_")
+    model, data = name.split("_")[:2]
     assert {k: args.get(k) for k in SEED} == SEED
-    assert args["model_name_or_path"] == MODEL_IDS[model]
+    assert args["model_name_or_path"] == MODEL_IDS[model] == families.get(model).model
     assert args["dataset"] == f"paper_review_{data}_{model}"
+    assert args["cutoff_len"] == families.get(model).train_budget  # `make data` cuts to what the recipe trains
     text = (ROOT / f"sft_recipes/{name}.yaml").read_text()
     assert re.search(r"Effective batch = per_device_train_batch_size 1 x gradient_accumulation_steps 16 x GPUs",
                      text)
@@ -151,8 +164,8 @@ def test_dry_run_prints_final_arguments_without_loading_weights():
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--model", "mistrall", "--data", "15k"], "valid values: gemma, mistral, tiny, tiny_gemma"),
-    (["--model", "mistral", "--data", "15K"], "valid values: 15k, 15k_12k_liger, 5k, sample"),
+    (["--model", "mistrall", "--data", "15k"], "valid values: gemma, mistral, smollm2, tiny, tiny_gemma"),
+    (["--model", "mistral", "--data", "15K"], "valid for MODEL=mistral: MODEL=mistral DATA=15k, MODEL=mistral DATA=5k"),
     (["--model", "mistral", "--data", "15k", "--rope", "ntk"], "valid values: linear, dynamic"),
 ])
 def test_typos_list_the_valid_values(argv, message):

@@ -115,7 +115,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_pat
 
     rc, log = sft(ws, *RESUME_ARGS, "--resume", "auto", tag="resumed")
     assert rc == 0, log[-4000:]
-    assert "skipping incomplete checkpoint(s) checkpoint-999" in log
+    assert "skipping broken checkpoint checkpoint-999: trainer_state.json is missing" in log
+    assert not (ws / "runs/tiny_sample/adapter/checkpoint-999").exists()  # moved aside, kept:
+    assert [p.name.split(".")[0] for p in (ws / "runs/tiny_sample/broken").iterdir()] == ["checkpoint-999"]
     assert "Continuing training from checkpoint" in log or "Resuming training from" in log
     st = state(ws)
     assert st["global_step"] == uninterrupted["global_step"] == 12
@@ -125,6 +127,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_pat
     for step in range(first_resumed, 13):
         assert lrs(st)[step] == pytest.approx(lrs(uninterrupted)[step], rel=1e-6)
         assert losses(st)[step] == pytest.approx(losses(uninterrupted)[step], rel=1e-3, abs=1e-3)
+
+
+def test_a_kill_during_the_first_save_starts_over(tiny_models, tmp_path):
+    """issue 12: the only checkpoint lacks trainer_state.json (killed while saving). Stock LLaMA-Factory
+    auto-resumed from it and died with FileNotFoundError; the run now starts over, keeping what was there."""
+    ws = workspace(tmp_path)
+    half = ws / "runs/tiny_sample/adapter/checkpoint-10"
+    half.mkdir(parents=True)
+    (half / "adapter_config.json").write_text("{}")
+    rc, log = sft(ws, "max_steps=2", "save_steps=100", tag="after_kill")
+    assert rc == 0, log[-4000:]
+    assert "trainer_state.json is missing" in log and "starting over" in log
+    assert state(ws)["global_step"] == 2
+    kept = [p for p in (ws / "runs/tiny_sample").iterdir() if p.name.startswith("adapter.")]
+    assert len(kept) == 1 and (kept[0] / "checkpoint-10/adapter_config.json").is_file()
 
 
 def test_resume_with_a_smaller_per_device_batch(uninterrupted, tmp_path):

@@ -1,0 +1,116 @@
+"""The recipe registry: MODEL x DATA -> a LLaMA-Factory YAML and the datasets it trains and predicts on.
+
+    llamafactory-ext recipes          # every MODEL x DATA you can launch (like torchtune's `tune ls`)
+
+DATA is resolved in this order:
+  1. a shipped recipe `sft_recipes/<MODEL>_<DATA>.yaml` (e.g. MODEL=mistral DATA=15k);
+  2. your data: a registered dataset `<DATA>_train` (from `make data ... NAME=<DATA>`), or `<DATA>` itself
+     (e.g. `mine_5k`), trained with the family's base recipe (families.py `base_recipe`).
+The test split predict uses comes from the training data's manifest (`test_dataset`), so your own data is
+never evaluated on somebody else's test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from llamafactory_ext import UserError, families, manifest
+
+RECIPES = Path("sft_recipes")
+
+
+@dataclass(frozen=True)
+class Choice:
+    model: str  # family name
+    data: str
+    recipe: Path
+    dataset: str | None = None  # replaces the recipe's `dataset` (your own data); None: the recipe's own
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not readable YAML ({e})") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a mapping of LLaMA-Factory arguments")
+    return doc or {}
+
+
+def shipped(recipe_dir: Path = RECIPES) -> dict[tuple[str, str], Path]:
+    """(model, data) -> recipe, from the files `sft_recipes/<model>_<data>.yaml`."""
+    out = {}
+    for p in sorted(recipe_dir.glob("*.yaml")):
+        # the longest family name that prefixes the file name (tiny_gemma before tiny); the rest is DATA
+        model = next((m for m in sorted(families.FAMILIES, key=len, reverse=True) if p.stem.startswith(m + "_")),
+                     None)
+        if model:
+            out[(model, p.stem[len(model) + 1:])] = p
+    return out
+
+
+def own_data(info: dict) -> list[str]:
+    """DATA values for your own registered data: `<name>` for every `<name>_train` dataset."""
+    return sorted(n[:-len("_train")] for n in info if n.endswith("_train"))
+
+
+def resolve(model: str, data: str, info: dict | None = None) -> Choice:
+    if not RECIPES.is_dir():
+        raise UserError(f"no {RECIPES}/ in {Path.cwd()}: run from the project root (where the Makefile is)")
+    fam = families.get(model)
+    table = shipped()
+    if (model, data) in table:
+        return Choice(model, data, table[(model, data)])
+    info = manifest.load_info() if info is None else info
+    base = RECIPES / f"{fam.base_recipe}.yaml"
+    for dataset in (f"{data}_train", data):
+        if dataset in info and not dataset.endswith("_test"):
+            if not base.is_file():
+                raise UserError(f"MODEL={model}'s base recipe {base} is missing")
+            return Choice(model, data, base, dataset)
+    mine = [f"MODEL={m} DATA={d}" for m, d in table if m == model] + [f"DATA={d}" for d in own_data(info)]
+    raise UserError(f"MODEL={model} DATA={data!r}: no recipe sft_recipes/{model}_{data}.yaml and no registered "
+                    f"dataset {data}_train; valid for MODEL={model}: {', '.join(mine) or 'none'} "
+                    f"(your own data: `make data MODEL={model} IN=file.jsonl NAME={data}`)")
+
+
+def test_dataset(train: str, info: dict, dataset_dir: str | Path = ".") -> str | None:
+    """The test split that belongs to training dataset `train`: from its manifest, else by name."""
+    path = manifest.dataset_file(train, info, dataset_dir)
+    doc = manifest.read(path) if path is not None else None
+    if doc and doc.get("test_dataset"):
+        return doc["test_dataset"]
+    if train.endswith("_train") and f"{train[:-6]}_test" in info:
+        return f"{train[:-6]}_test"
+    return None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="only this family")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = manifest.load_info()
+    table = shipped()
+    models = [args.model] if args.model else list(families.FAMILIES)
+    if args.model:
+        families.get(args.model)
+    print(f"{'MODEL':<12} {'DATA':<18} {'recipe':<40} trains on")
+    for m in models:
+        for (model, data), path in table.items():
+            if model == m:
+                ds = load_yaml(path).get("dataset", "?")
+                built = "" if ds in info and (manifest.dataset_file(ds, info) or Path("-")).exists() else "  (not built)"
+                print(f"{model:<12} {data:<18} {str(path):<40} {ds}{built}")
+        for data in own_data(info):
+            doc = manifest.read(manifest.dataset_file(f"{data}_train", info) or Path("-"))
+            if doc and doc.get("family") not in (None, m):
+                continue  # built for another family
+            print(f"{m:<12} {data:<18} {str(RECIPES / (families.get(m).base_recipe + '.yaml')):<40} {data}_train")
+    print("\nmake sft MODEL=<MODEL> DATA=<DATA>   (DATA=<name> after `make data MODEL=<MODEL> IN=file NAME=<name>`)")
+    return 0

@@ -1,0 +1,323 @@
+"""The launcher's guards, each one a defect a new user hit (issues 11 and 12): prompts cut after all, a run
+resumed on other data, IN= ignored, predict on somebody else's test split, generic environment variables,
+shell injection through make variables, broken checkpoints, a DeepSpeed dry run that compiles C++.
+
+Everything runs in a project-shaped folder with the sample built by `llamafactory-ext data` (real manifests,
+real tokenizers); the resume decisions are checked on real folders, through `launch.decide_resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli_env
+
+from llamafactory_ext import UserError, launch, recipes, runs
+
+
+def ext(ws: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llamafactory_ext.cli", *args], cwd=ws, capture_output=True,
+                          text=True, env=env or cli_env(), timeout=600)
+
+
+def project(tmp: Path) -> Path:
+    for d in ("sft_recipes", "deepspeed", "build", "data/sample"):
+        (tmp / d).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / d).symlink_to(ROOT / d)
+    shutil.copy(ROOT / "dataset_info.json", tmp / "dataset_info.json")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_models, tmp_path_factory) -> Path:
+    """The tiny sample built as `make data` builds it, plus your own data `mine` in a nested schema."""
+    ws = project(tmp_path_factory.mktemp("launch"))
+    nested = ws / "mine.jsonl"
+    with nested.open("w") as f:
+        for line in (ROOT / "data/sample/paper_review.jsonl").open():
+            r = json.loads(line)
+            f.write(json.dumps({"paper": {"id": r["paper_id"], "text": r["input"]}, "reviews": [r["output"]]}) + "\n")
+    p = ext(ws, "data")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = ext(ws, "data", "--model", "tiny", "--in", "mine.jsonl", "--name", "mine", "--test-size", "6",
+            "--jq", "{paper_id: .paper.id, input: .paper.text, output: .reviews[0]}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return ws
+
+
+def sft_args(ws: Path, *overrides: str, **flags) -> tuple[dict, Path]:
+    """The launcher's own argument resolution, in-process, inside `ws`."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    launch.add_arguments(parser)
+    argv = ["sft"] + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + list(overrides)
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        args, rdir, _ = launch.sft_args(parser.parse_args(argv))
+    finally:
+        os.chdir(cwd)
+    return args, rdir
+
+
+def in_ws(ws: Path, fn, *a, **kw):
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        return fn(*a, **kw)
+    finally:
+        os.chdir(cwd)
+
+
+# ------------------------------------------------------------------------------ data manifest (issue 11.3)
+def test_every_built_file_has_a_manifest(ws):
+    info = json.loads((ws / "dataset_info.json").read_text())
+    for name, mode in (("sample_train", "train"), ("sample_test", "inference"), ("mine_train", "train"),
+                       ("mine_test", "inference")):
+        doc = json.loads((ws / (info[name]["file_name"] + ".manifest.json")).read_text())
+        assert doc["mode"] == mode and doc["family"] == "tiny" and doc["template"] == "mistral"
+        assert doc["tokenizer"] == "build/tiny/mistral" and len(doc["tokenizer_sha256"]) == 64
+        assert doc["read"] == 36 and doc["accepted"] == 36 and doc["rejected"] == 0
+        assert doc["records"] + doc["dropped"] == doc["split_records"]
+        if mode == "train":
+            assert doc["budget"] == 1024 and doc["test_dataset"] == name.replace("_train", "_test")
+        else:
+            assert doc["paper_tokens"] == 700
+    mine = [json.loads(x) for x in (ws / info["mine_test"]["file_name"]).open()]
+    assert len(mine) == 6 and all(r["paper_id"] for r in mine)  # the jq filter mapped the nested schema
+
+
+@pytest.mark.parametrize("override", ["cutoff_len=800", "cutoff_len=256"])
+def test_cutoff_below_the_data_budget_is_refused(ws, override):
+    """issue 11.1: with cutoff_len=800 LLaMA-Factory cut the [/INST] marker from 30 of 30 sample prompts."""
+    p = ext(ws, "run", "sft", "--dry-run", override)
+    assert p.returncode == 2, p.stdout + p.stderr
+    n = override.split("=")[1]
+    assert f"cutoff_len {n} is below the 1024 tokens sample_train was cut to" in p.stderr
+    assert f"re-run `make data MODEL=tiny CUTOFF={n}`" in p.stderr and "CUTOFF=1024" in p.stderr
+
+
+def test_other_template_or_tokenizer_is_refused(ws):
+    args, _ = sft_args(ws, "template=gemma")
+    problems = in_ws(ws, launch.data_problems, args, launch.families.get("tiny"))
+    assert any("cut for template 'mistral', this run uses 'gemma'" in p for p in problems), problems
+    args, _ = sft_args(ws, model_path="build/tiny/gemma")  # same template, another tokenizer
+    problems = in_ws(ws, launch.data_problems, args, launch.families.get("tiny"))
+    assert any("differs from build/tiny/gemma's" in p for p in problems), problems
+    args, _ = sft_args(ws)
+    assert in_ws(ws, launch.data_problems, args, launch.families.get("tiny")) == []
+
+
+# ------------------------------------------------------------------------------ your own data (issue 11.2, 11.4)
+def test_own_data_trains_with_the_family_base_recipe(ws):
+    p = ext(ws, "run", "sft", "--model", "tiny", "--data", "mine", "--dry-run")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resolved from sft_recipes/tiny_sample.yaml with dataset mine_train" in p.stdout
+    assert "dataset: mine_train" in p.stdout and "output_dir: runs/tiny_mine/adapter" in p.stdout
+    assert not (ws / "runs").exists()  # a dry run writes nothing
+
+
+def test_predict_uses_the_test_split_of_the_training_data(ws):
+    p = ext(ws, "run", "predict", "--model", "tiny", "--data", "mine", "--base", "--dry-run")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "eval_dataset: mine_test" in p.stdout and "model_name_or_path: build/tiny/mistral" in p.stdout
+    assert "output_dir: runs/tiny_mine/predict/base_temp_0.35" in p.stdout
+    p = ext(ws, "run", "predict", "--model", "tiny", "--data", "mine", "--base", "--dry-run", "--dataset", "mine_train")
+    assert p.returncode == 2 and "mine_train was built for train, not inference" in p.stderr
+
+
+def test_unknown_data_lists_what_exists(ws):
+    p = ext(ws, "run", "sft", "--model", "tiny", "--data", "mien", "--dry-run")
+    assert p.returncode == 2
+    assert "valid for MODEL=tiny: MODEL=tiny DATA=sample, DATA=mine" in p.stderr
+    assert "make data MODEL=tiny IN=file.jsonl NAME=mien" in p.stderr
+
+
+def test_too_few_papers_for_the_test_size(ws):
+    p = ext(ws, "data", "--model", "tiny", "--in", "mine.jsonl", "--name", "few", "--test-size", "36",
+            "--jq", "{input: .paper.text, output: .reviews[0]}")
+    assert p.returncode == 2 and "has only 36 papers" in p.stderr, p.stderr
+
+
+def test_recipes_lists_model_by_data(ws):
+    p = ext(ws, "recipes")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert any(ln.split()[:3] == ["mistral", "15k", "sft_recipes/mistral_15k.yaml"] for ln in lines)
+    assert any(ln.split()[:2] == ["tiny", "mine"] and "mine_train" in ln for ln in lines)
+    assert not any(ln.split()[:2] == ["gemma", "mine"] for ln in lines)  # built for tiny only
+
+
+# ------------------------------------------------------------------------------ run identity (issue 11.4)
+def fake_started_run(ws: Path, args: dict, rdir: Path, steps=(2,)) -> None:
+    """What a started run leaves: run.json as the launcher writes it, and checkpoint folders."""
+    in_ws(ws, runs.write_identity, ws / rdir, in_ws(ws, runs.identity, args))
+    for s in steps:
+        ck = ws / rdir / "adapter" / f"checkpoint-{s}"
+        ck.mkdir(parents=True)
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": s}))
+
+
+def test_resume_only_continues_the_same_run(ws, tmp_path):
+    args, rdir = sft_args(ws, run="ident")
+    fake_started_run(ws, args, rdir)
+    try:
+        same, _ = sft_args(ws, run="ident")
+        said = in_ws(ws, launch.decide_resume, same, rdir, "auto", dry_run=True)
+        assert same["resume_from_checkpoint"].endswith("checkpoint-2"), said
+        for change, what in (("dataset=mine_train", "dataset: sample_train -> mine_train"),
+                             ("lora_rank=8", "lora_rank: 16 -> 8"), ("cutoff_len=2048", "cutoff_len: 1024 -> 2048")):
+            other, _ = sft_args(ws, change, run="ident")
+            with pytest.raises(UserError) as e:
+                in_ws(ws, launch.decide_resume, other, rdir, "auto", dry_run=True)
+            assert what in str(e.value) and "RESUME=never" in str(e.value) and "RUN=<name>" in str(e.value)
+        # the same name, other content: the data file changed under the run
+        data = ws / "data/build/sample/train.jsonl"
+        saved = data.read_bytes()
+        try:
+            data.write_bytes(saved + saved.splitlines(keepends=True)[0])
+            with pytest.raises(UserError, match="dataset sample_train: file content changed"):
+                in_ws(ws, launch.decide_resume, sft_args(ws, run="ident")[0], rdir, "auto", dry_run=True)
+        finally:
+            data.write_bytes(saved)
+    finally:
+        shutil.rmtree(ws / rdir)
+
+
+def test_the_cli_refuses_a_changed_run_with_exit_2(ws):
+    args, rdir = sft_args(ws)
+    fake_started_run(ws, args, rdir)
+    try:
+        p = ext(ws, "run", "sft", "--dry-run", "dataset=mine_train")  # issue 11 defect 2, as reported
+        assert p.returncode == 2 and "dataset: sample_train -> mine_train" in p.stderr, p.stderr
+    finally:
+        shutil.rmtree(ws / rdir)
+
+
+# ------------------------------------------------------------------------------ checkpoints (issue 12)
+def write_safetensors(path: Path, truncate_by: int = 0) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_A": torch.ones(64, 16)}, str(path))
+    if truncate_by:
+        data = path.read_bytes()
+        path.write_bytes(data[:-truncate_by])
+
+
+def test_a_truncated_adapter_is_skipped_naming_the_file(ws):
+    args, rdir = sft_args(ws, run="broken")
+    fake_started_run(ws, args, rdir, steps=(2, 4))
+    out = ws / rdir / "adapter"
+    write_safetensors(out / "checkpoint-2/adapter_model.safetensors")
+    write_safetensors(out / "checkpoint-4/adapter_model.safetensors", truncate_by=100)
+    try:
+        # 8-byte header length + 72-byte JSON header + 64 x 16 fp32 (4,096 B) = 4,176 B; 100 cut off
+        assert runs.checkpoint_problem(out / "checkpoint-4") == (
+            "adapter_model.safetensors: truncated (4076 bytes, the header describes 4176)")
+        said = in_ws(ws, launch.decide_resume, args, rdir, "auto", dry_run=False)
+        assert args["resume_from_checkpoint"] == str(rdir / "adapter/checkpoint-2")
+        assert any("skipping broken checkpoint checkpoint-4: adapter_model.safetensors: truncated" in s for s in said)
+        assert not (out / "checkpoint-4").exists()  # moved aside, not deleted:
+        assert [p.name.split(".")[0] for p in (ws / rdir / "broken").iterdir()] == ["checkpoint-4"]
+    finally:
+        shutil.rmtree(ws / rdir)
+
+
+def test_only_a_half_saved_checkpoint_starts_over(ws):
+    """issue 12: a kill during the first save left checkpoint-10 without trainer_state.json; LLaMA-Factory's
+    own auto-resume picked it and crashed (FileNotFoundError)."""
+    args, rdir = sft_args(ws, run="half")
+    out = ws / rdir / "adapter"
+    (out / "checkpoint-10").mkdir(parents=True)
+    write_safetensors(out / "checkpoint-10/adapter_model.safetensors")
+    try:
+        said = in_ws(ws, launch.decide_resume, args, rdir, "auto", dry_run=False)
+        assert "resume_from_checkpoint" not in args and not out.exists()
+        assert "trainer_state.json is missing" in said[0] and "starting over" in said[-1]
+        kept = [p for p in (ws / rdir).iterdir() if p.name.startswith("adapter.")]
+        assert len(kept) == 1 and (kept[0] / "checkpoint-10/adapter_model.safetensors").is_file()
+    finally:
+        shutil.rmtree(ws / rdir)
+
+
+def test_resume_from_a_given_broken_checkpoint_names_the_file(ws, tmp_path):
+    ck = tmp_path / "checkpoint-3"
+    ck.mkdir()
+    (ck / "trainer_state.json").write_text("{}")
+    (ck / "optimizer.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    args, rdir = sft_args(ws, run="given")
+    with pytest.raises(UserError, match="optimizer.pt: not a whole torch file"):
+        in_ws(ws, launch.decide_resume, args, rdir, str(ck), dry_run=True)
+
+
+# ------------------------------------------------------------------------------ environment (issue 11.5)
+def test_generic_environment_variables_change_nothing(ws):
+    env = cli_env(TEMP="/tmp", TMP="/tmp", MODEL="mistral", DATA="15k", RESUME="garbage", CUTOFF="1",
+                  TOP_P="x", MAX_NEW_TOKENS="y", DRY_RUN="0", ROPE="ntk")
+    p = ext(ws, "run", "sft", "--dry-run", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resolved from sft_recipes/tiny_sample.yaml" in p.stdout and "cutoff_len: 1024" in p.stdout
+
+
+def test_sft_refuses_predict_flags(ws):
+    p = ext(ws, "run", "sft", "--temp", "0.5", "--dry-run")
+    assert p.returncode == 2 and "`run sft` has no option --temp" in p.stderr, p.stderr
+
+
+PAYLOADS = ["`touch {m}`", "$(touch {m})", "x; touch {m}", "$(shell touch {m})"]
+
+
+@pytest.mark.parametrize(("target", "var"), [
+    ("sft", "MODEL"), ("sft", "DATA"), ("data", "IN"), ("data", "JQ"), ("review", "PAPER"),
+    ("judge", "JUDGE_URL"), ("judge", "JUDGE_MODEL"), ("predict", "TEMP"), ("plan", "GPU"), ("sft", "RUN"),
+])
+def test_make_variables_never_reach_a_shell(tmp_path, target, var):
+    """issue 11 defect 6: ``make sft DRY_RUN=1 'MODEL=`touch /tmp/pwned`'`` created the file."""
+    extra = {"judge": ["JUDGE_URL=http://127.0.0.1:9/v1", "JUDGE_MODEL=m"], "review": ["PAPER=missing.pdf"],
+             "data": ["IN=missing.jsonl"]}.get(target, [])
+    for i, payload in enumerate(PAYLOADS):
+        marker = tmp_path / f"pwned{i}"
+        argv = [a for a in extra if not a.startswith(var + "=")] + [f"{var}={payload.format(m=marker)}"]
+        p = subprocess.run(["make", "--no-print-directory", target, "DRY_RUN=1", *argv], cwd=ROOT, env=cli_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0, p.stdout + p.stderr  # a bad value is an error, not a command
+        assert not marker.exists(), f"{target} {var}={payload}: the shell ran it\n{p.stdout}{p.stderr}"
+
+
+# ------------------------------------------------------------------------------ DeepSpeed (issue 12)
+def test_deepspeed_dry_run_builds_nothing_and_a_stale_lock_is_named(ws, tmp_path):
+    ext_dir = tmp_path / "torch_extensions"
+    env = cli_env(TORCH_EXTENSIONS_DIR=str(ext_dir))
+    p = ext(ws, "run", "sft", "--dry-run", "deepspeed=deepspeed/ds_z2_config.json", env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "FORCE_TORCHRUN=1" in p.stdout
+    assert not ext_dir.exists() or not any(ext_dir.rglob("*.so")), "the dry run compiled a C++ op"
+    lock = ext_dir / "py311_cu130" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    p = ext(ws, "run", "sft", "--dry-run", "deepspeed=deepspeed/ds_z2_config.json", env=env)
+    assert p.returncode == 2 and f"rm '{lock}'" in p.stderr, p.stderr
+
+
+def test_recipe_registry_resolves_only_training_splits(ws):
+    info = json.loads((ws / "dataset_info.json").read_text())
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        assert recipes.resolve("tiny", "mine", info).dataset == "mine_train"
+        assert recipes.test_dataset("mine_train", info) == "mine_test"
+        with pytest.raises(UserError):
+            recipes.resolve("tiny", "mine_test", info)
+    finally:
+        os.chdir(cwd)
