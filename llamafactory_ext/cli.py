@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "truncate": ("llamafactory_ext.truncate", "cut papers (never reviews) to a token budget"),
     "split": ("llamafactory_ext.split", "split by paper into train/test and nested train subsets"),
     "register": ("llamafactory_ext.register", "add/update one dataset in dataset_info.json (atomic)"),
+    "demo": ("llamafactory_ext.demo", "the main job: SmolLM2 learns to review on CPU; base vs tuned table + plot"),
     "data": ("llamafactory_ext.prepare", "convert + split + truncate + register (`make data`)"),
     "run": ("llamafactory_ext.launch", "resolve and launch sft / merge / predict for MODEL x DATA"),
     "extract": ("llamafactory_ext.extract", "generated_predictions.jsonl -> reviews.jsonl + metrics"),
