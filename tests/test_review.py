@@ -1,17 +1,21 @@
-"""review: a real PDF built here, references dropped, the token budget, the tiny models, clear errors."""
+"""review: a real PDF built here, references dropped, the token budget, runs (merged or adapter-only, the
+newest by default), the tiny models, clear errors. A reviewer that really writes the four sections is
+checked in test_webui.py (Review tab and API) with the SmolLM2 run."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from llamafactory_ext import REVIEWER_INSTRUCTION, UserError, cli
 from llamafactory_ext.papertext import drop_references, read_paper
-from llamafactory_ext.review import detect_template, load_chat_model, review_paper
+from llamafactory_ext.review import find_runs, load_chat_model, resolve_model, review_paper
 from llamafactory_ext.sections import HEADERS
 
 
@@ -28,6 +32,25 @@ def _make_pdf(text: str, path: Path) -> Path:
             page.insert_text((40, 50 + 12 * i), line, fontsize=9)
     doc.save(path)
     return path
+
+
+def make_adapter_run(base: Path, run: Path, template: str) -> Path:
+    """A run folder holding only a LoRA adapter (no merged/) and the sft_args.yaml naming its base, as `run sft`
+    leaves it. The LoRA weights are random and non-zero (init_lora_weights=False): the adapter changes what the
+    model writes, so a review that ignored it would differ."""
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(run / "adapter")
+    (run / "sft_args.yaml").write_text(yaml.safe_dump({
+        "model_name_or_path": str(base), "template": template, "finetuning_type": "lora",
+        "output_dir": str(run / "adapter")}))
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +108,14 @@ def test_review_pdf_with_tiny_mistral(paper, mistral, tiny_models):
     assert paper["ref_line"] not in r["query"] and paper["app_line"] in r["query"]
     assert r["references_dropped_chars"] > 1000
     assert r["paper_tokens"] == r["paper_tokens_total"] > 0  # under the default budget: nothing cut
-    assert isinstance(r["raw"], str) and r["raw"]
-    for h in HEADERS.values():
-        assert f"## {h}" in r["markdown"]
     assert r["markdown"].startswith("# Review of paper.pdf")
+    # The tiny model is random: it writes no section. The page must say so and keep what it wrote, never
+    # present the renderer's own headers as a review.
+    assert isinstance(r["raw"], str) and r["raw"].strip()
+    assert not any(re.search(rf"^\W*{re.escape(h)}", r["raw"], re.I | re.M) for h in HEADERS.values())
+    assert r["sections"]["has_all_sections"] is False
+    assert r["markdown"].count("_(section missing in the model output)_") == 4
+    assert "## Raw model output" in r["markdown"] and r["raw"].rstrip() in r["markdown"]
 
 
 def test_paper_is_cut_to_the_token_budget(paper, mistral, tiny_models):
@@ -106,13 +133,49 @@ def test_cli_gemma_auto_template_and_out(tmp_path, tiny_models, sample_jsonl, ca
     md = tmp_path / "paper.md"
     md.write_text(row["input"][:3000], encoding="utf-8")
     out = tmp_path / "review.md"
-    assert detect_template(tiny_models["gemma"]) == "gemma"
+    assert resolve_model(tiny_models["gemma"]).template == "gemma"  # from config.json's model_type
     rc = cli.main(["review", str(md), "--model", str(tiny_models["gemma"]), "--max-new-tokens", "8",
                    "--max-paper-tokens", "200", "--seed", "1", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr()
     assert printed.out == out.read_text() and printed.out.startswith("# Review of paper.md")
-    assert re.search(r"paper: 200 of \d+ tokens used \(cut\).*template: gemma", printed.err)
+    assert re.search(r"paper: 200 of [\d,]+ tokens used \(cut to the 200-token budget\).*template: gemma",
+                     printed.err)
+
+
+def test_runs_adapter_only_merged_and_the_newest_by_default(tmp_path, tiny_models, paper, capsys, monkeypatch):
+    """No --model: the newest run. A run with only adapter/ loads its base from sft_args.yaml plus the adapter; a
+    run with merged/ loads that."""
+    runs = tmp_path / "runs"
+    merged_run = runs / "tiny_merged"
+    (merged_run / "merged").mkdir(parents=True)
+    for f in tiny_models["mistral"].iterdir():
+        os.symlink(f, merged_run / "merged" / f.name)
+    (merged_run / "sft_args.yaml").write_text("template: mistral\n")
+    adapter_run = make_adapter_run(tiny_models["mistral"], runs / "tiny_adapter", "mistral")
+    later = time.time() + 60
+    for f in (adapter_run / "adapter").iterdir():
+        os.utime(f, (later, later))
+    (runs / "not_a_run").mkdir()  # neither merged/ nor adapter/: not offered
+    assert [p.name for p in find_runs(runs)] == ["tiny_adapter", "tiny_merged"]
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--temperature", "0", "--max-new-tokens", "12"]
+    assert cli.main(["review", str(paper["pdf"]), *common]) == 0
+    by_default = capsys.readouterr()
+    assert f"model: runs/tiny_adapter (LoRA adapter on {tiny_models['mistral']}); template: mistral" in by_default.err
+    assert cli.main(["review", str(paper["pdf"]), "--model", "runs/tiny_merged", *common]) == 0
+    merged = capsys.readouterr()
+    assert "model: runs/tiny_merged (merged); template: mistral" in merged.err
+    assert merged.out.startswith("# Review of paper.pdf") and by_default.out.startswith("# Review of paper.pdf")
+    assert merged.out != by_default.out  # greedy both times: only the adapter differs
+
+
+def test_no_run_yet_says_what_to_do(tmp_path, paper, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["review", str(paper["pdf"])]) == 2
+    err = capsys.readouterr().err
+    assert "no trained run in runs/" in err and "--model" in err
 
 
 # ----------------------------------------------------------------------------- errors
@@ -149,12 +212,14 @@ def _image_only_pdf(path: Path) -> Path:
     ("latin1", "not UTF-8 text"),
     ("nofile", "no such file"),
     ("nomodel", "no such folder"),
-    ("adapter", "is a LoRA adapter, not a full model"),
-    ("noconfig", "no config.json"),
-    ("llama", "cannot pick a chat template for model_type 'llama'"),
+    ("adapter", "is a LoRA adapter, but nothing names its base model"),
+    ("adapter_base", "names the base model 'build/nowhere/model', which is not a folder here"),
+    ("noconfig", "no config.json (model), adapter_config.json (LoRA adapter), merged/ or adapter/ in it"),
+    ("llama", "cannot tell the chat template of"),
+    ("template", "--template 'nosuch' is not a LLaMA-Factory template"),
 ])
 def test_errors(tmp_path, tiny_models, capsys, case, message):
-    model = str(tiny_models["mistral"])
+    model, extra = str(tiny_models["mistral"]), []
     paper = tmp_path / "p.txt"
     paper.write_text("some paper text\n")
     if case == "corrupt":
@@ -182,6 +247,13 @@ def test_errors(tmp_path, tiny_models, capsys, case, message):
         (tmp_path / "adapter").mkdir()
         (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
         model = str(tmp_path / "adapter")
+    elif case == "adapter_base":
+        (tmp_path / "run" / "adapter").mkdir(parents=True)
+        (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+        (tmp_path / "run" / "sft_args.yaml").write_text("model_name_or_path: build/nowhere/model\ntemplate: mistral\n")
+        model = str(tmp_path / "run")
+    elif case == "template":
+        extra = ["--template", "nosuch"]
     elif case == "noconfig":
         (tmp_path / "empty").mkdir()
         model = str(tmp_path / "empty")
@@ -189,7 +261,7 @@ def test_errors(tmp_path, tiny_models, capsys, case, message):
         (tmp_path / "llama").mkdir()
         (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
         model = str(tmp_path / "llama")
-    rc = cli.main(["review", str(paper), "--model", model])
+    rc = cli.main(["review", str(paper), "--model", model, *extra])
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err
