@@ -208,8 +208,11 @@ def recipe_config(recipe: Path, root: Path, *, accelerator: bool, now: str) -> d
     if model and ((root / model).exists() or model.startswith((".", "/", "~")) or model.count("/") != 1):
         model_path = _abs(root, model)  # a folder (relative to the project), not an org/name hub id
         if not Path(model_path).exists():
-            notes.append(f"the model folder {model_path} does not exist yet: build it first (`make demo` builds "
-                         f"the local models)")
+            from llamafactory_ext import families
+
+            fam = next((f for f in families.FAMILIES.values() if f.local and f.model == model), None)
+            how = f"`llamafactory-ext {fam.builder[0]}` in {root}" if fam else "copy or build it there"
+            notes.append(f"the model folder {model_path} does not exist yet: {how}")
     dataset_dir = _abs(root, take("dataset_dir", "data"))
     datasets = [d.strip() for d in str(take("dataset", "") or "").split(",") if d.strip()]
     missing = [d for d in datasets if d not in available_datasets(dataset_dir)]
@@ -383,8 +386,9 @@ def wire_llamaboard(root: Path) -> None:
     mods["runner"].Runner._parse_eval_args = parse_eval_args
 
 
-def create_ui(root: Path):
-    """LlamaBoard (llamafactory.webui.interface.create_ui of 0.9.5) with the "Review a paper" tab."""
+def create_ui(root: Path, engine=None):
+    """LlamaBoard (llamafactory.webui.interface.create_ui of 0.9.5) with the "Review a paper" tab; `engine`: a
+    llamafactory.webui.engine.Engine to build it on (a new one by default)."""
     import gradio as gr
     from llamafactory.extras.misc import is_accelerator_available
     from llamafactory.webui.common import save_config
@@ -399,7 +403,7 @@ def create_ui(root: Path):
     from llamafactory.webui.css import CSS
     from llamafactory.webui.engine import Engine
 
-    engine = Engine(demo_mode=False, pure_chat=False)
+    engine = engine or Engine(demo_mode=False, pure_chat=False)
     with gr.Blocks(title=f"LLaMA Factory ({socket.gethostname().split('.')[0]})", css=CSS) as demo:
         title, subtitle = gr.HTML(), gr.HTML()
         engine.manager.add_elems("head", {"title": title, "subtitle": subtitle})

@@ -201,10 +201,12 @@ def llamaboard(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("llamaboard_cwd"))
     try:
         webui.wire_llamaboard(ROOT)
-        demo = webui.create_ui(ROOT)
+        from llamafactory.webui.engine import Engine
+
+        engine = Engine()
+        webui.create_ui(ROOT, engine)
     finally:
         os.chdir(cwd)
-    engine = next(fn.fn.__self__ for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "resume")
 
     def train_args(config: dict) -> dict:
         manager = engine.manager
@@ -248,6 +250,22 @@ def test_every_recipe_loads_as_a_llamaboard_config(llamaboard, accelerator):
                 assert "compute type fp32: no GPU here (the recipe's bf16 needs one)" in config["train.output_box"]
             if recipe.get("deepspeed"):
                 assert "DeepSpeed off: no GPU here" in config["train.output_box"]
+
+
+def test_a_recipe_says_what_is_missing(tmp_path):
+    """A fresh project: the recipe's model and dataset are not built yet; loading it says how to build them."""
+    from llamafactory_ext import webui
+
+    (tmp_path / "sft_recipes").mkdir()
+    recipe = shutil.copy(ROOT / "sft_recipes" / "tiny_sample.yaml", tmp_path / "sft_recipes")
+    (tmp_path / "runs" / "tiny_sample" / "adapter").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny_sample" / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    config = webui.recipe_config(Path(recipe), tmp_path, accelerator=False, now="20260101-000000")
+    note = config["train.output_box"]
+    assert f"the model folder {tmp_path}/build/tiny/mistral does not exist yet: `llamafactory-ext tiny` in" in note
+    assert "dataset(s) sample_train not built yet: run `make data`" in note
+    assert config["train.output_dir"] == "tiny_sample_20260101-000000"  # never on top of a finished run
+    assert f"trains into `{tmp_path}/runs/tiny_sample_20260101-000000/adapter`" in note
 
 
 def test_listens_on_loopback_only_by_default(server):
