@@ -1,9 +1,14 @@
 """Atomic file output: write to a temp file beside the target, fsync, rename.
 
-A crash or Ctrl-C at any point leaves either the old file or the new one, never half of one.
-Ctrl-C removes the temp file; a SIGKILL (or power loss) cannot, so each temp file is named
-`.NAME.PID-HOST.RANDOM.tmp` after the process writing it, and the next write of the same NAME deletes
-the temp files whose writer, on this host, is no longer alive. Live writers' temp files are never touched.
+A crash, Ctrl-C or SIGTERM at any point leaves either the old file or the new one, never half of one.
+Ctrl-C and SIGTERM remove the temp file (while an atomic write is open in the main thread, SIGTERM exits
+through Python's cleanup with status 143 instead of dying on the spot); a SIGKILL (or power loss) cannot,
+so each temp file is named `.NAME.PID-HOST.RANDOM.tmp` after the process writing it, and the next write of
+the same NAME deletes the temp files whose writer, on this host, is no longer alive. Live writers' temp
+files are never touched.
+
+`check_output` tells, before any long work, whether an output path can be written (a one-line UserError
+otherwise); `out_and_rejects` writes an output and its rejects file, each kept only if non-empty.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import functools
 import hashlib
 import os
 import re
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 
 @functools.cache
@@ -61,27 +68,94 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _sigterm(signum, frame):
+    """SIGTERM while an atomic write is open: unwind like Ctrl-C, so every open temp file is removed."""
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
-    """`with atomic_write(p) as f: ...` -> p appears only if the block finishes without error."""
+def _cleanup_on_sigterm() -> Iterator[None]:
+    """Make SIGTERM raise SystemExit(143) inside the block, if it would otherwise kill the process on the spot
+    (default handler, main thread). A handler someone else installed is left alone; nesting is fine."""
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if install:
+        signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None, *,
+                 empty: Literal["write", "skip", "remove"] = "write") -> Iterator[IO]:
+    """`with atomic_write(p) as f: ...` -> p appears only if the block finishes without error.
+
+    `empty`: what a block that wrote nothing does: "write" an empty file (the default), "skip" (leave the
+    previous file, if any, as it was) or "remove" the previous file (e.g. a rejects file of an earlier run)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{_host_tag()}.", suffix=".tmp", dir=path.parent)
+    with _cleanup_on_sigterm():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{_host_tag()}.", suffix=".tmp",
+                                   dir=path.parent)
+        try:
+            with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
+                yield f
+                f.flush()
+                size = os.fstat(f.fileno()).st_size
+                if size or empty == "write":
+                    os.fsync(f.fileno())
+            if size == 0 and empty != "write":
+                os.unlink(tmp)
+                if empty == "remove":
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                return
+            if path.exists():  # keep the permissions of the file we replace
+                os.chmod(tmp, path.stat().st_mode & 0o777)
+            else:
+                os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def out_and_rejects(out: str | os.PathLike, rejects: str | os.PathLike) -> Iterator[tuple[IO, IO]]:
+    """`with out_and_rejects(out, rejects) as (out_f, rej_f)`: both written atomically (binary), each kept only
+    if something was written to it. An empty OUT leaves the previous OUT as it was (the caller reports that
+    nothing was written); an empty rejects file removes the previous one, which described an earlier run."""
+    with atomic_write(rejects, empty="remove") as rej_f, atomic_write(out, empty="skip") as out_f:
+        yield out_f, rej_f
+
+
+def check_output(path: str | os.PathLike, what: str = "OUT") -> Path:
+    """Check, before any long work, that `path` can be written as a file (by creating and removing a temp
+    file beside it, as atomic_write will): a UserError naming it and the problem otherwise. Creates the
+    missing parent folders, as atomic_write would."""
+    from llamafactory_ext import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file path (e.g. {path / 'out.jsonl'})")
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"cannot write {what} {path}: {above} is a file, not a folder; choose another path")
     try:
-        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():  # keep the permissions of the file we replace
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{_host_tag()}.", suffix=".tmp",
+                                   dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"cannot write {what} {path}: {e.strerror or e}{where}; choose another path") from None
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
