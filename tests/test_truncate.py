@@ -1,6 +1,8 @@
 """`llamafactory-ext truncate`: papers are cut, reviews never, and LLaMA-Factory's own template then fits.
 
-Uses the tiny offline models' real tokenizers and LLaMA-Factory's real `mistral` / `gemma` templates."""
+Uses the tiny offline models' real tokenizers (and SmolLM2's real one when it is built) and LLaMA-Factory's
+real templates. The output must be byte-identical to the plain algorithm (tests/truncate_reference.py),
+which `truncate` reproduces at about a third of the tokenization."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
+import truncate_reference
 
 from llamafactory_ext import REVIEWER_INSTRUCTION, UserError
 from llamafactory_ext.cli import main
-from llamafactory_ext.truncate import Truncator, load_template, load_tokenizer, quantiles, truncate
+from llamafactory_ext.convert import convert
+from llamafactory_ext.truncate import Truncator, _Tokens, load_template, load_tokenizer, quantiles, truncate
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -170,7 +174,7 @@ def test_cli_summary_and_histogram(tmp_path, records, tiny_models, capsys):
 def test_workers_give_identical_output(tmp_path, records, tiny_models):
     src = write_jsonl(tmp_path / "in.jsonl", records[:4] + records[-1:])
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    a = truncate(src, one, tokenizer=str(tiny_models["mistral"]), max_tokens=700, plot=False)
+    a = truncate(src, one, tokenizer=str(tiny_models["mistral"]), max_tokens=700, plot=False, workers=1)
     b = truncate(src, two, tokenizer=str(tiny_models["mistral"]), max_tokens=700, plot=False, workers=2)
     assert one.read_bytes() == two.read_bytes()
     assert (a.before, a.after) == (b.before, b.after)
@@ -199,3 +203,99 @@ def test_truncator_leaves_fitting_records_alone(lf):
     rec = {"instruction": "Review.", "input": "Short paper.", "output": "Fine."}
     new, before, after, reason = Truncator(tok, template, max_tokens=64).process(rec)
     assert new is rec and before == after and reason is None
+
+
+# ---- the same output as the plain algorithm, at a fraction of the tokenization --------------------------------
+@pytest.fixture(scope="module")
+def sample_alpaca(sample_jsonl, tmp_path_factory) -> Path:
+    """The committed sample through convert (what `make data` truncates)."""
+    out = tmp_path_factory.mktemp("sample") / "alpaca.jsonl"
+    convert(sample_jsonl, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_part(sample_alpaca) -> Path:
+    """Its first 10 papers, plus a record whose review alone is too long for 1024 tokens."""
+    records = read_jsonl(sample_alpaca)[:10]
+    records.append(dict(records[0], output=records[0]["output"] * 4, paper_id="long-review"))
+    return write_jsonl(sample_alpaca.with_name("part.jsonl"), records)
+
+
+@pytest.mark.parametrize("arch,kwargs,part", [
+    ("mistral", {"max_tokens": 12288}, False), ("mistral", {"max_tokens": 1024}, True),
+    ("gemma", {"max_tokens": 4096}, True), ("gemma", {"inference": True, "paper_tokens": 500}, True),
+], ids=["mistral-12288-sample", "mistral-1024", "gemma-4096", "gemma-inference-500"])
+def test_output_is_byte_identical_to_the_plain_algorithm(tmp_path, lf, tiny_models, sample_alpaca, sample_part,
+                                                         arch, kwargs, part):
+    src = sample_part if part else sample_alpaca
+    out = tmp_path / "out.jsonl"
+    stats = truncate(src, out, tokenizer=str(tiny_models[arch]), template=arch, plot=False, **kwargs)
+    ref_kwargs = {"max_tokens": 12288, **kwargs}
+    want_out, want_rejects = truncate_reference.truncate_file(*lf[arch], src, **ref_kwargs)
+    assert out.read_bytes() == want_out
+    rejects = tmp_path / "out.jsonl.rejects.jsonl"
+    assert (rejects.read_bytes() if rejects.exists() else b"") == want_rejects
+    assert stats.cut >= 10 and stats.recounts == 0  # the cuts were counted from windows, none re-encoded whole
+    assert stats.dropped == (1 if kwargs.get("max_tokens") == 1024 else 0)
+
+
+def test_smollm2_tokenizer_matches_the_plain_algorithm(tmp_path, sample_part):
+    """A real 49K-vocabulary tokenizer (GPT-2 style pre-tokenizer, ChatML template with a system prompt)."""
+    from llamafactory_ext import smollm2
+
+    if not smollm2.is_built():
+        pytest.skip("SmolLM2 is not built here (llamafactory-ext smollm2)")
+    model = str(smollm2.ensure())
+    tok = load_tokenizer(model)
+    template = load_template(tok, "smollm2")
+    for kwargs in ({"max_tokens": 4096}, {"max_tokens": 640}, {"inference": True, "paper_tokens": 256}):
+        out = tmp_path / "out.jsonl"
+        stats = truncate(sample_part, out, tokenizer=model, template="smollm2", plot=False, **kwargs)
+        want_out, _ = truncate_reference.truncate_file(tok, template, sample_part, **{"max_tokens": 12288, **kwargs})
+        assert out.read_bytes() == want_out, kwargs
+        assert stats.cut >= 10 and stats.recounts == 0
+
+
+def test_paper_the_template_rewrites_takes_the_plain_path(tmp_path, tiny_models):
+    """LLaMA-Factory's base Template replaces a literal `{{idx}}` in the user's text (smollm2's template does):
+    what it trains on is not the paper as written, so the cut is measured the plain way, still exactly."""
+    tok = load_tokenizer(str(tiny_models["mistral"]))
+    template = load_template(tok, "smollm2")
+    paper = "We index layers by {{idx}} below. " + "The method and its results are described here. " * 300
+    rec = {"instruction": REVIEWER_INSTRUCTION, "input": paper, "output": "A fair review."}
+    truncator = Truncator(tok, template, max_tokens=700)
+    assert not any(paper in text for text in truncator.layout(rec)[2])  # LLaMA-Factory changed the text
+    src = write_jsonl(tmp_path / "in.jsonl", [rec])
+    truncate(src, tmp_path / "out.jsonl", tokenizer=str(tiny_models["mistral"]), template="smollm2", max_tokens=700,
+             plot=False)
+    want, _ = truncate_reference.truncate_file(tok, template, src, max_tokens=700)
+    assert (tmp_path / "out.jsonl").read_bytes() == want and "{{idx}}" in read_jsonl(tmp_path / "out.jsonl")[0]["input"]
+
+
+def test_cut_text_is_recounted_whole_when_the_window_does_not_agree(lf):
+    """The window count of a cut text is only trusted when the re-encoded window falls in step with the known
+    tokens; known tokens of another text never do, and the whole text is encoded instead."""
+    tok, template = lf["mistral"]
+    truncator = Truncator(tok, template, max_tokens=1024)
+    text = "Deep networks generalise when trained with noise; we show why. " * 60
+    full = len(tok.encode(text, add_special_tokens=False))
+    enc = truncator._encode([text + " and more text after the cut"])[0]
+    assert truncator._count_cut(_Tokens.of(enc), full - 5, text) == full and truncator.recounts == 0
+    other = truncator._encode(["Completely different words: " + "graph kernels, spectra and cliques. " * 200])[0]
+    assert truncator._count_cut(_Tokens.of(other), full - 5, text) == full and truncator.recounts == 1
+
+
+# ---- outputs are checked before any work -----------------------------------------------------------------------
+def test_unwritable_outputs_fail_before_loading_anything(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "i", "input": "p", "output": "r"}])
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    # the tokenizer does not exist: an error about OUT proves OUT was checked before any work
+    with pytest.raises(UserError, match=r"OUT .*folder is a folder; give a file path"):
+        truncate(src, tmp_path / "folder", tokenizer=str(tmp_path / "no-model"))
+    with pytest.raises(UserError, match=r"cannot write OUT .*file/out.jsonl: .*file is a file, not a folder"):
+        truncate(src, tmp_path / "file" / "out.jsonl", tokenizer=str(tmp_path / "no-model"))
+    assert main(["truncate", str(src), str(tmp_path / "folder"), "--tokenizer", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: OUT ") and err.count("\n") == 1
