@@ -6,8 +6,17 @@ one `{"line", "kind", "reason", "raw"}` per rejected line), so nothing is lost s
 (`paper_id`, ...) are kept. The instruction is the project's reviewer instruction unless
 `--instruction-file` gives another. `--jq` maps another schema to `{input, output}` with a jq program
 (one line may give several records, e.g. one per review). Blank lines are skipped, a UTF-8 BOM is
-stripped, CRLF line ends are accepted. OUT and the rejects file are written atomically: an interrupted
-run leaves the previous OUT (or none), never half of one.
+stripped, CRLF line ends are accepted. A line in which an object repeats a key
+(`{"input": "", "input": "real", ...}`) is rejected: which value was meant is unknowable, and HF
+`datasets`, which LLaMA-Factory loads with, refuses the whole file ("Column(/input) was specified twice").
+OUT and the rejects file are checked before any work and written atomically: an interrupted run (Ctrl-C,
+SIGTERM) leaves the previous OUT (or none), never half of one.
+
+`--dedup` drops records that repeat an earlier one: same fields, same values, where whitespace inside
+strings does not count (spaces, tabs, newlines, CR: "a  b\\n" and "a b" are the same text, and so are
+"a b" and "ab"), and neither do JSON formatting, key order or \\uXXXX escapes. The first one is kept,
+verbatim; the others go to the rejects file, naming its line. It keeps a 16-byte digest per record
+(about 0.15 KB of memory each); without `--dedup` nothing is kept per record and memory stays flat.
 
     llamafactory-ext convert data/raw/paper_review.jsonl data/build/reviews.jsonl
     llamafactory-ext convert raw.jsonl out.jsonl --dedup --strict
@@ -18,7 +27,8 @@ run leaves the previous OUT (or none), never half of one.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import hashlib
+import json
 import os
 import re
 import stat
@@ -30,7 +40,7 @@ from pathlib import Path
 import orjson
 
 from llamafactory_ext import REVIEWER_INSTRUCTION, UserError
-from llamafactory_ext.fileio import atomic_write
+from llamafactory_ext.fileio import check_output, out_and_rejects
 
 BOM = b"\xef\xbb\xbf"
 READ_BUFFER = 1 << 20  # 1 MiB reads: lines are ~50 KB papers
@@ -40,22 +50,20 @@ _MISSING = object()
 
 @dataclass
 class ConvertStats:
-    """What one conversion did. `read = accepted + rejected` (lines; blank lines are not counted)."""
+    """What one conversion did, in input lines (blank lines are not counted): `read = accepted + rejected`."""
 
-    read: int = 0
-    accepted: int = 0
-    rejected: int = 0
+    read: int = 0  # non-blank input lines
+    accepted: int = 0  # lines that gave at least one record in OUT
+    rejected: int = 0  # lines in the rejects file (bad, or with --dedup only duplicates)
     written: int = 0  # records in OUT (differs from `accepted` only when --jq yields several per line)
-    duplicates: int = 0  # records identical to an earlier one (dropped only with dedup)
+    duplicates: int = 0  # records dropped as duplicates of an earlier one (counted with dedup only)
     blank: int = 0
     kinds: Counter = field(default_factory=Counter)  # reject kind -> count
     out: Path | None = None  # None when nothing was written
     rejects: Path | None = None  # None when there was nothing to reject
 
     def summary(self, dedup: bool) -> str:
-        dup = f", duplicates {self.duplicates}"
-        if self.duplicates:
-            dup += " (dropped)" if dedup else " (kept; --dedup drops them)"
+        dup = f", duplicates dropped {self.duplicates}" if dedup else ""
         extra = f", records written {self.written}" if self.written != self.accepted else ""
         return f"read {self.read}, accepted {self.accepted}, rejected {self.rejected}{dup}{extra}"
 
@@ -68,8 +76,71 @@ class _Reject(Exception):
         self.kind, self.reason = kind, reason
 
 
-class _Discard(Exception):
-    """Abort an atomic_write block without committing and without an error."""
+# The end of an object key: its closing quote and the colon (JSON allows whitespace between them). Inside a
+# string a quote is escaped, so this matches only key ends, and, rarely, an escaped quote before a colon.
+_KEY_END = re.compile(rb'"[ \t\r\n]*:')
+
+
+def _n_keys(value) -> int:
+    """Keys in all the objects of a parsed JSON value."""
+    if type(value) is dict:
+        return len(value) + sum(_n_keys(v) for v in value.values() if type(v) in (dict, list))
+    if type(value) is list:
+        return sum(_n_keys(v) for v in value if type(v) in (dict, list))
+    return 0
+
+
+def _no_repeated_key(pairs: list[tuple]) -> dict:
+    keys = set()
+    for key, _ in pairs:
+        if key in keys:
+            raise _Reject("repeated key", f"key {key!r} appears twice in one object; keep one (HF datasets, which "
+                                          "LLaMA-Factory loads with, rejects a file with a repeated key)")
+        keys.add(key)
+    return dict(pairs)
+
+
+def _check_keys(line: bytes, value) -> None:
+    """Reject a line in which an object repeats a key (orjson silently keeps the last value). Each key
+    of the line ends in a `_KEY_END`: when there are no more of those than the parsed value has keys, no key
+    repeats; otherwise (an escaped quote before a colon in a text, or a repeated key) a re-parse decides."""
+    if type(value) in (dict, list) and len(_KEY_END.findall(line)) > _n_keys(value):
+        json.loads(line, object_pairs_hook=_no_repeated_key)
+
+
+WHITESPACE = b" \t\n\r\f\v"
+
+
+def text_key(text: str) -> bytes:
+    """A text with its whitespace removed, as UTF-8: equal for texts that differ only in whitespace."""
+    return text.encode("utf-8", "surrogatepass").translate(None, WHITESPACE)
+
+
+def _feed(h, value) -> None:
+    t = type(value)
+    if t is str:
+        b = text_key(value)
+        h.update(b"s%d:" % len(b) + b)
+    elif t is dict:
+        h.update(b"d%d:" % len(value))
+        for k in sorted(value):
+            kb = k.encode("utf-8", "surrogatepass")
+            h.update(b"k%d:" % len(kb) + kb)
+            _feed(h, value[k])
+    elif t is list:
+        h.update(b"l%d:" % len(value))
+        for v in value:
+            _feed(h, v)
+    else:  # numbers, booleans, null
+        h.update(b"v" + orjson.dumps(value) + b";")
+
+
+def dedup_key(record: dict) -> bytes:
+    """What `--dedup` compares (see the module docstring): a 128-bit digest of the record's fields but the
+    instruction, keys sorted, whitespace removed from the strings."""
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, {k: v for k, v in record.items() if k != "instruction"})
+    return h.digest()
 
 
 def _json_type(value) -> str:
@@ -211,15 +282,6 @@ def _encode(records) -> list[bytes]:
         raise _Reject("unencodable", f"cannot write the record as JSON: {e}") from None
 
 
-def _same(out_f, offset: int, blob: bytes) -> bool:
-    """Whether OUT holds `blob` at `offset` (confirms a digest match; the temp file is open read-write)."""
-    out_f.flush()
-    try:
-        return os.pread(out_f.fileno(), len(blob), offset) == blob
-    except OSError:  # not readable: trust the 64-bit digest
-        return True
-
-
 def _size(path: Path) -> int | None:
     """Bytes to read for the progress bar (None for a pipe)."""
     st = path.stat()
@@ -232,12 +294,10 @@ def _convert_stream(src: Path, out_f, rej_f, stats: ConvertStats, *, instruction
     loads, dumps = orjson.loads, orjson.dumps
     decode_error = orjson.JSONDecodeError
     newline = orjson.OPT_APPEND_NEWLINE
-    # Exact duplicates: a set of 64-bit record digests (SipHash, 3x faster than SHA-1 on 50 KB papers), each
-    # with the first line and the record's offset in OUT; a digest match is confirmed against those bytes.
-    seen: dict[int, tuple[int, int]] = {}
+    seen: dict[bytes, int] = {}  # with dedup only: dedup_key -> the line of its first record
     prefix = b'{"instruction":' + dumps(instruction) + b","
     join = b"".join
-    lineno = pending = out_pos = 0
+    lineno = pending = 0
     with open(src, "rb", buffering=READ_BUFFER) as f, _progress(_size(src), "convert") as bar:
         for line in f:
             lineno += 1
@@ -259,8 +319,10 @@ def _convert_stream(src: Path, out_f, rej_f, stats: ConvertStats, *, instruction
                         stats.blank += 1
                         continue
                     value, line = parsed
+                _check_keys(line, value)
                 if prog is not None:
-                    blobs = _encode(_jq_records(prog, line, instruction))
+                    records = _jq_records(prog, line, instruction)
+                    blobs = _encode(records)
                 elif type(value) is not dict:
                     raise _Reject("not an object", f"JSON value is {_json_type(value)}, not an object")
                 elif "instruction" not in value and not _needs_reencoding(line):
@@ -268,12 +330,14 @@ def _convert_stream(src: Path, out_f, rej_f, stats: ConvertStats, *, instruction
                     # bytes ARE the record's JSON: splice the instruction in front, no 50 KB re-encoding.
                     _field(value, "input")
                     _field(value, "output")
+                    records = (value,)
                     if line[0] == 0x7B and line.endswith(b"}\n"):  # "{...}\n": the common case, one copy
                         blobs = (join((prefix, memoryview(line)[1:])),)
                     else:  # leading blanks, CRLF, no final newline
                         blobs = (join((prefix, memoryview(line.strip())[1:], b"\n")),)
                 else:
-                    blobs = _encode((_record(value, instruction),))
+                    records = (_record(value, instruction),)
+                    blobs = _encode(records)
             except _Reject as e:
                 if strict:
                     raise UserError(f"{src}:{lineno}: {e.reason} (--strict stops at the first bad line)") from None
@@ -283,22 +347,19 @@ def _convert_stream(src: Path, out_f, rej_f, stats: ConvertStats, *, instruction
                                   option=newline))
                 continue
             written = 0
-            for blob in blobs:
-                key = hash(blob)
-                first = seen.get(key)
-                if first is None or not _same(out_f, first[1], blob):
-                    if first is None:  # (a true 64-bit hash collision with a different record is just written)
-                        seen[key] = (lineno, out_pos)
-                else:
-                    stats.duplicates += 1
-                    if dedup:
+            for record, blob in zip(records, blobs, strict=True):
+                if dedup:
+                    key = dedup_key(record)
+                    first = seen.get(key)
+                    if first is not None:
+                        stats.duplicates += 1
                         stats.kinds["duplicate"] += 1
                         rej_f.write(dumps({"line": lineno, "kind": "duplicate",
-                                           "reason": f"duplicate of the record from line {first[0]} (--dedup)",
+                                           "reason": f"duplicate of the record from line {first} (--dedup)",
                                            "raw": blob[:-1].decode("utf-8")}, option=newline))
                         continue
+                    seen[key] = lineno
                 out_f.write(blob)
-                out_pos += len(blob)
                 written += 1
             if written:
                 stats.accepted += 1
@@ -318,8 +379,10 @@ def convert(
     strict: bool = False,
     dedup: bool = False,
 ) -> ConvertStats:
-    """Convert `src` to alpaca JSONL `out` (see the module docstring). Raises UserError when the input is
-    missing, `--strict` meets a bad line, or nothing at all is accepted (then OUT is not written)."""
+    """Convert `src` to alpaca JSONL `out` (see the module docstring); returns a ConvertStats (`read`,
+    `accepted`, `rejected` lines, `written` records, `out` and `rejects` paths). Raises UserError, before any
+    work, when the input is missing or an output cannot be written; and when `--strict` meets a bad line or
+    nothing at all is accepted (then OUT is not written)."""
     src, out = Path(src), Path(out)
     rejects = Path(rejects) if rejects is not None else default_rejects_path(out)
     if not src.exists() or src.is_dir():  # a pipe (/dev/stdin, a FIFO) is fine: the input is read once, in order
@@ -329,28 +392,17 @@ def convert(
             raise UserError(f"{name} {path} is the input file; choose another output path")
     if out.resolve() == rejects.resolve():
         raise UserError(f"--rejects {rejects} is the same file as OUT; choose another path")
+    check_output(out, "OUT")
+    check_output(rejects, "--rejects file")
     if not instruction.strip():
         raise UserError("the instruction is empty; give a non-empty --instruction-file")
     prog = compile_jq(jq_program) if jq_program is not None else None
 
     stats = ConvertStats()
-    try:
-        with atomic_write(rejects) as rej_f:
-            try:
-                with atomic_write(out) as out_f:
-                    _convert_stream(src, out_f, rej_f, stats, instruction=instruction, prog=prog, strict=strict,
-                                    dedup=dedup)
-                    if stats.written == 0:
-                        raise _Discard
-                stats.out = out
-            except _Discard:
-                pass
-            if not stats.kinds:  # nothing rejected: no rejects file (and no stale one from an earlier run)
-                raise _Discard
-        stats.rejects = rejects
-    except _Discard:
-        with contextlib.suppress(FileNotFoundError):
-            rejects.unlink()
+    with out_and_rejects(out, rejects) as (out_f, rej_f):
+        _convert_stream(src, out_f, rej_f, stats, instruction=instruction, prog=prog, strict=strict, dedup=dedup)
+    stats.out = out if stats.written else None
+    stats.rejects = rejects if stats.kinds else None
     if stats.out is None:
         if stats.read == 0:
             raise UserError(f"{src} has no records (it is empty or holds only blank lines); {out} not written")

@@ -52,7 +52,7 @@ def test_converts_to_alpaca_keeping_metadata_in_order(tmp_path, capsys):
                        "paper_id": "p1", "venue": "ICLR", "scores": [6, 8]}
     assert list(recs[0]) == ["instruction", "paper_id", "input", "output", "venue", "scores"]  # source order kept
     assert recs[1]["paper_id"] == "p2"
-    assert "read 2, accepted 2, rejected 0, duplicates 0" in capsys.readouterr().err
+    assert "read 2, accepted 2, rejected 0\n" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()  # nothing rejected: no rejects file
 
 
@@ -159,15 +159,15 @@ def test_very_long_line_streams(tmp_path):
     assert read_jsonl(out)[1]["input"] == paper
 
 
-def test_duplicates_are_reported_and_dropped_only_with_dedup(tmp_path, capsys):
+def test_duplicates_are_dropped_only_with_dedup(tmp_path, capsys):
     src = write_lines(tmp_path / "in.jsonl", [good(1), good(2), good(1), good(1), good(3, output="other")])
     out = tmp_path / "out.jsonl"
     assert run_cli(src, out) == 0
-    assert "read 5, accepted 5, rejected 0, duplicates 2 (kept" in capsys.readouterr().err
+    assert "read 5, accepted 5, rejected 0\n" in capsys.readouterr().err
     assert len(read_jsonl(out)) == 5
 
     assert run_cli(src, out, "--dedup") == 0
-    assert "read 5, accepted 3, rejected 2, duplicates 2 (dropped)" in capsys.readouterr().err
+    assert "read 5, accepted 3, rejected 2, duplicates dropped 2" in capsys.readouterr().err
     assert [r["paper_id"] for r in read_jsonl(out)] == ["p1", "p2", "p3"]
     rejects = read_jsonl(tmp_path / "out.jsonl.rejects.jsonl")
     assert [(r["line"], r["kind"]) for r in rejects] == [(3, "duplicate"), (4, "duplicate")]
@@ -177,6 +177,72 @@ def test_duplicates_are_reported_and_dropped_only_with_dedup(tmp_path, capsys):
 def test_same_paper_other_review_is_not_a_duplicate(tmp_path):
     src = write_lines(tmp_path / "in.jsonl", [good(1), good(1, output="a second review")])
     assert convert(src, tmp_path / "out.jsonl", dedup=True).written == 2
+
+
+def test_dedup_ignores_whitespace_formatting_key_order_and_escapes(tmp_path):
+    """--dedup compares what the records say: whitespace inside the texts, JSON formatting, key order and
+    \\uXXXX escapes are not differences; any other character, or another field value, is."""
+    first = {"paper_id": "p1", "input": "Deep nets généralisent.\nWe show why.", "output": "Fine review."}
+    same = [
+        json.dumps(first, ensure_ascii=True, indent=None, separators=(" , ", " :  ")),  # formatting, \u escapes
+        {"output": "Fine review.", "input": "Deep nets généralisent.\nWe show why.", "paper_id": "p1"},  # order
+        {"paper_id": "p1", "input": "  Deep  nets\tgénéralisent.\r\n\nWe show why. \n", "output": "Fine review.\n"},
+        {"paper_id": "p1", "input": "Deepnets généralisent.We showwhy.", "output": "Fine review."},
+    ]
+    other = [
+        {"paper_id": "p1", "input": "Deep nets generalisent.\nWe show why.", "output": "Fine review."},  # é -> e
+        {"paper_id": "p2", "input": "Deep nets généralisent.\nWe show why.", "output": "Fine review."},
+        {"paper_id": "p1", "input": "Deep nets généralisent.\nWe show why.", "output": "Fine review.",
+         "venue": "ICLR"},
+    ]
+    src = write_lines(tmp_path / "in.jsonl", [first, *same, *other])
+    out = tmp_path / "out.jsonl"
+    stats = convert(src, out, dedup=True)
+    assert (stats.accepted, stats.duplicates) == (1 + len(other), len(same))
+    assert read_jsonl(out)[0] == {"instruction": REVIEWER_INSTRUCTION, **first}  # the first one, verbatim
+    rejects = read_jsonl(tmp_path / "out.jsonl.rejects.jsonl")
+    assert [(r["line"], r["kind"]) for r in rejects] == [(i, "duplicate") for i in range(2, 2 + len(same))]
+    assert all("line 1" in r["reason"] for r in rejects)
+
+
+REPEATED_KEYS = [
+    (b'{"input": "", "input": "real paper", "output": "r"}', "'input'"),
+    (b'{"input": "p", "output": "r", "output": "r"}', "'output'"),
+    (b'{"input": "p", "output": "r", "meta": {"a": 1, "a": 2}}', "'a'"),
+    (b'{"input": "p", "output": "r", "paper_id"  :  1, "paper_id":2}', "'paper_id'"),
+    (b'{"input": "p", "output": "r", "\\u0069nput": "escaped name"}', "'input'"),
+]
+
+
+@pytest.mark.parametrize("raw,key", REPEATED_KEYS, ids=["input", "output", "nested", "spaces", "escaped"])
+def test_repeated_key_is_rejected_and_out_loads_in_hf_datasets(tmp_path, raw, key):
+    """orjson keeps the last of two equal keys; HF datasets (LLaMA-Factory's loader) rejects the whole file.
+    Such a line is rejected with the key named; a text holding an escaped quote before a colon is not."""
+    tricky = json.dumps({"input": 'He wrote "input": "x", then "output":y', "output": "r \\\": z"})
+    src = write_lines(tmp_path / "in.jsonl", [good(1), raw, tricky])
+    out = tmp_path / "out.jsonl"
+    stats = convert(src, out)
+    assert (stats.accepted, stats.rejected, dict(stats.kinds)) == (2, 1, {"repeated key": 1})
+    (rej,) = read_jsonl(tmp_path / "out.jsonl.rejects.jsonl")
+    assert rej["line"] == 2 and key in rej["reason"] and "appears twice" in rej["reason"]
+    import datasets
+
+    loaded = datasets.load_dataset("json", data_files=str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert loaded.num_rows == 2 and loaded[1]["input"].startswith('He wrote "input"')
+
+
+def test_memory_stays_flat_without_dedup(tmp_path):
+    """Nothing is kept per record without --dedup: 10x the records, the same peak of Python allocations."""
+    import tracemalloc
+
+    peaks = []
+    for n in (2_000, 20_000):
+        src = write_lines(tmp_path / f"in{n}.jsonl", [good(i, input=f"Paper {i} " + "text " * 40) for i in range(n)])
+        tracemalloc.start()
+        convert(src, tmp_path / "out.jsonl")
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < peaks[0] + 512 * 1024, peaks  # (a per-record index of 0.24 KB would add 4 MB)
 
 
 def test_instruction_file(tmp_path):
@@ -225,7 +291,7 @@ def test_jq_one_record_per_review(tmp_path, capsys):
     assert run_cli(src, out, "--jq", ".reviews[] as $r | {paper_id: .id, input: .paper, output: $r}") == 0
     assert [r["output"] for r in read_jsonl(out)] == ["R1", "R2", "R3"]
     assert read_jsonl(tmp_path / "out.jsonl.rejects.jsonl")[0]["kind"] == "jq no output"
-    assert "read 2, accepted 1, rejected 1, duplicates 0, records written 3" in capsys.readouterr().err
+    assert "read 2, accepted 1, rejected 1, records written 3" in capsys.readouterr().err
 
 
 def test_jq_syntax_error_is_a_user_error(tmp_path, capsys):
@@ -285,6 +351,41 @@ def test_stale_rejects_file_is_removed_and_custom_rejects_path(tmp_path):
     assert not custom.exists()  # no stale rejects from the earlier run
 
 
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in (root ignores permission bits: /sys then)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        return folder
+    folder = Path("/sys")
+    try:
+        (folder / f".probe-{os.getpid()}").open("w").close()
+    except OSError:
+        return folder
+    pytest.skip("running as root with a writable /sys: no unwritable folder to test with")
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file", "unwritable", "rejects-folder"])
+def test_unwritable_outputs_fail_before_reading_input(tmp_path, where):
+    """A one-line error, exit 2, before any input is read: the input is a FIFO nobody writes to, so a
+    converter that started reading would hang here (and time out)."""
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    out, extra = {
+        "folder": (tmp_path / "a-folder", []),
+        "under-a-file": (tmp_path / "a-file" / "out.jsonl", []),
+        "unwritable": (unwritable_folder(tmp_path) / "out.jsonl", []) if where == "unwritable" else (None, []),
+        "rejects-folder": (tmp_path / "out.jsonl", ["--rejects", str(tmp_path / "a-folder")]),
+    }[where]
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "llamafactory_ext.cli", "convert", str(fifo), str(out), *extra],
+                          capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ("is a folder" if where in ("folder", "rejects-folder") else "cannot write") in proc.stderr
+
+
 # ---- interrupts: a real subprocess, a real signal, mid-write ------------------------------------------------
 def _start_mid_run(tmp_path: Path):
     """Start `convert` on a FIFO fed with ~40 MB of records and return once it is provably mid-write:
@@ -322,7 +423,7 @@ def _start_mid_run(tmp_path: Path):
     return proc, out, release, feeder
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupt_leaves_previous_out(tmp_path, sig):
     proc, out, release, feeder = _start_mid_run(tmp_path)
     proc.send_signal(sig)
@@ -334,5 +435,8 @@ def test_interrupt_leaves_previous_out(tmp_path, sig):
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and b"interrupted" in err
         assert not list(tmp_path.glob(".*.tmp"))  # Ctrl-C cleans its temp files up
+    elif sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM and b"Traceback" not in err, err
+        assert not list(tmp_path.glob(".*.tmp"))  # so does SIGTERM
     else:
         assert proc.returncode == -signal.SIGKILL  # nothing can clean up after SIGKILL, but OUT is intact
