@@ -1,15 +1,20 @@
 """Split alpaca JSONL into train and test BY PAPER, plus nested training subsets.
 
-A paper is identified by `paper_id`, or by the SHA-1 of its text (`input`) when a record has no
-`paper_id`; all reviews of one paper land on the same side, so no test paper is ever trained on.
+All reviews of one paper land on the same side, so no test paper is ever trained on. Records are about
+the same paper when they share a `paper_id`, or the paper text (`input`, compared with its whitespace
+removed, as `convert --dedup` compares texts), or are linked through other records that do: a review
+without `paper_id` of a paper that other reviews name by id goes where they go, and so do two ids whose
+records hold the same text. A paper is named by its smallest `paper_id`, or, with none, by the SHA-1 of
+its text as written.
 `--test-size` counts papers: an integer N takes N papers, a fraction in (0, 1) takes that share of
 the papers. The split depends only on the set of papers and `--seed` (not on the order of the file).
 
 Writes, into `--out-dir` (default: beside IN), with IN's stem:
 `<stem>_train.jsonl` (in one seeded shuffled order), `<stem>_test.jsonl` (in file order), and for each
 of `--sizes` a training subset `<stem>_train_5k.jsonl`, `<stem>_train_15k.jsonl`, ...: the first K records
-of the training order, so every smaller subset is contained in every larger one. All files are written
-atomically. Two streaming passes: the first keeps only paper keys and byte offsets, not the records.
+of the training order, so every smaller subset is contained in every larger one. All files are checked
+before any work and written atomically (Ctrl-C and SIGTERM leave the previous files). Two streaming
+passes: the first keeps only paper keys and byte offsets, not the records.
 
     llamafactory-ext split data/build/reviews_12k.jsonl --test-size 500 --sizes 5000,15000 --seed 42
     llamafactory-ext split reviews.jsonl --test-size 0.1 --out-dir data/build/splits
@@ -29,7 +34,8 @@ from pathlib import Path
 import orjson
 
 from llamafactory_ext import UserError
-from llamafactory_ext.fileio import atomic_write
+from llamafactory_ext.convert import text_key
+from llamafactory_ext.fileio import atomic_write, check_output
 
 DEFAULT_SEED = 42
 
@@ -66,11 +72,33 @@ def parse_test_size(text: str | float | int) -> float | int:
 
 
 def paper_key(record: dict) -> str:
-    """Which paper a record reviews: its paper_id, else a hash of the paper text."""
+    """The name a record gives its paper: its paper_id, else a hash of the paper text as written."""
     pid = record.get("paper_id")
     if pid is not None and pid != "":
         return f"id:{pid}"
     return "sha1:" + hashlib.sha1(str(record.get("input", "")).encode("utf-8")).hexdigest()
+
+
+class _Papers:
+    """Union-find over what identifies a paper (ids, texts): records that share any of them, directly or
+    through other records, are one paper."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        parent = self.parent
+        root = x
+        while parent.setdefault(root, root) != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[ra] = rb
 
 
 @dataclass
@@ -83,8 +111,10 @@ class SplitResult:
 
 
 def _scan(src: Path) -> tuple[list[int], list[int], list[str]]:
-    """First pass: byte offset, length and paper key of every non-blank line (records are not kept)."""
-    offsets, lengths, keys = [], [], []
+    """First pass: byte offset, length and paper of every non-blank line (records are not kept). A paper is
+    named by the smallest paper_key of its records."""
+    offsets, lengths, nodes, names = [], [], [], []
+    papers = _Papers()
     pos = 0
     with open(src, "rb", buffering=1 << 20) as f:
         for lineno, line in enumerate(f, 1):
@@ -97,9 +127,19 @@ def _scan(src: Path) -> tuple[list[int], list[int], list[str]]:
                     raise UserError(f"{src}:{lineno}: not a JSON object; run `llamafactory-ext convert` first")
                 offsets.append(pos)
                 lengths.append(len(line))
-                keys.append(paper_key(record))
+                text = hashlib.blake2b(text_key(str(record.get("input", ""))), digest_size=16).digest()
+                name = paper_key(record)
+                if name.startswith("id:"):
+                    papers.union(text, name)
+                nodes.append(text)
+                names.append(name)
             pos += len(line)
-    return offsets, lengths, keys
+    roots = [papers.find(n) for n in nodes]
+    smallest: dict = {}
+    for root, name in zip(roots, names, strict=True):
+        if name < smallest.get(root, "\U0010ffff"):
+            smallest[root] = name
+    return offsets, lengths, [smallest[r] for r in roots]
 
 
 def split(src: str | os.PathLike, *, test_size: float | int, sizes: list[int] = (), seed: int = DEFAULT_SEED,
@@ -110,6 +150,14 @@ def split(src: str | os.PathLike, *, test_size: float | int, sizes: list[int] = 
         raise UserError(f"input file {src} does not exist")
     out_dir = Path(out_dir) if out_dir is not None else src.parent
     stem = src.stem
+    train_path = out_dir / f"{stem}_train.jsonl"
+    test_path = out_dir / f"{stem}_test.jsonl"
+    subsets = {k: out_dir / f"{stem}_train_{size_name(k)}.jsonl" for k in sizes}
+    clash = {p for p in (train_path, test_path, *subsets.values()) if p.exists() and p.resolve() == src.resolve()}
+    if clash:
+        raise UserError(f"an output file would overwrite the input {src}; use --out-dir")
+    for path in (train_path, test_path, *subsets.values()):
+        check_output(path, "output")
     offsets, lengths, keys = _scan(src)
     if not offsets:
         raise UserError(f"{src} has no records")
@@ -130,13 +178,6 @@ def split(src: str | os.PathLike, *, test_size: float | int, sizes: list[int] = 
     if too_big:
         raise UserError(f"--sizes {','.join(map(str, too_big))} exceed the {len(train_idx)} training records "
                         f"({len(papers) - n_test} papers) of {src}; use sizes up to {len(train_idx)}")
-
-    train_path = out_dir / f"{stem}_train.jsonl"
-    test_path = out_dir / f"{stem}_test.jsonl"
-    subsets = {k: out_dir / f"{stem}_train_{size_name(k)}.jsonl" for k in sizes}
-    clash = {p for p in (train_path, test_path, *subsets.values()) if p.exists() and p.resolve() == src.resolve()}
-    if clash:
-        raise UserError(f"an output file would overwrite the input {src}; use --out-dir")
 
     with open(src, "rb") as f, contextlib.ExitStack() as stack:
         train_f = stack.enter_context(atomic_write(train_path))

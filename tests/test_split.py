@@ -61,6 +61,53 @@ def test_papers_without_id_are_grouped_by_text(tmp_path):
     assert len(test) == 3 and len({r["input"] for r in test}) == 1  # all three reviews of that paper
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_reviews_with_and_without_paper_id_stay_together(tmp_path, seed):
+    """A paper some of whose reviews carry its paper_id and others do not (or carry its text with other
+    whitespace) is one paper; so are two ids whose records hold the same text. Never on both sides."""
+    recs = []
+    for p in range(30):
+        text = f"Paper {p}: we study   attention.\nResults follow."
+        recs += [{"input": text, "output": "r1", "paper_id": f"p{p}"},
+                 {"input": text, "output": "r2"},  # the same paper, no id
+                 {"input": " " + text.replace("   ", " ").replace("\n", "\n\n") + "\n", "output": "r3"}]
+        if p % 10 == 0:  # the same text under a second id (a resubmission, a data error)
+            recs.append({"input": text, "output": "r4", "paper_id": f"dup{p}"})
+    src = write(tmp_path / "r.jsonl", recs)
+    result = split(src, test_size=8, seed=seed)
+    sides = {}
+    for side, path in (("train", result.train), ("test", result.test)):
+        for line in read_lines(path):
+            paper = json.loads(line)["input"].split(":")[0].strip()
+            sides.setdefault(paper, set()).add(side)
+    assert len(sides) == 30 and all(len(v) == 1 for v in sides.values()), sides
+    assert result.papers == {"train": 22, "test": 8}
+    assert sum(len(read_lines(p)) for p in (result.train, result.test)) == len(recs)
+
+
+def test_split_of_id_only_data_is_unchanged(tmp_path):
+    """Papers named by paper_id keep the split earlier versions made (the same seed, the same test set)."""
+    recs = [{"input": f"paper {p}", "output": "r", "paper_id": p} for p in range(100)]
+    result = split(write(tmp_path / "r.jsonl", recs), test_size=5, seed=42)
+    assert sorted(json.loads(line)["paper_id"] for line in read_lines(result.test)) == [17, 46, 47, 68, 91]  # what a673eb5 chose
+
+
+@pytest.mark.parametrize("where", ["train-is-a-folder", "out-dir-is-a-file"])
+def test_unwritable_outputs_fail_before_reading(tmp_path, capsys, where):
+    """Checked before the input is read: the broken last line would otherwise be the error."""
+    src = tmp_path / "r.jsonl"
+    src.write_text('{"input": "a", "output": "r"}\n{"input": "b", "output": "r"}\n{broken\n')
+    if where == "train-is-a-folder":
+        (tmp_path / "r_train.jsonl").mkdir()
+        args = []
+    else:
+        (tmp_path / "file").write_text("x")
+        args = ["--out-dir", str(tmp_path / "file" / "sub")]
+    assert main(["split", str(src), "--test-size", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("is a folder" in err or "is a file, not a folder" in err), err
+
+
 def test_fraction_and_determinism(tmp_path):
     recs = make_records()
     src = write(tmp_path / "a.jsonl", recs)
