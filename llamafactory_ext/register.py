@@ -5,8 +5,10 @@ column a `columns` object leaves out into None, which would silently train witho
 `file_name` is relative to the folder of dataset_info.json when FILE is inside it, else absolute (both
 work with LLaMA-Factory's `dataset_dir`). Every other entry and key is kept as it was, in order. The
 file is rewritten atomically under a lock (`dataset_info.json.lock`), so concurrent registrations do
-not lose each other's entries. A different existing entry of the same name is only replaced with
-`--force`; registering the identical entry again does nothing.
+not lose each other's entries (Ctrl-C and SIGTERM leave the previous file, never half of one). A folder,
+a file that is not UTF-8 JSON, or an unwritable place given as `--dataset-info` is a one-line error before
+anything is written. A different existing entry of the same name is only replaced with `--force`;
+registering the identical entry again does nothing.
 
     llamafactory-ext register reviews_train_5k data/build/reviews_train_5k.jsonl
     llamafactory-ext register reviews_test data/build/reviews_test.jsonl --dataset-info data/dataset_info.json
@@ -21,7 +23,7 @@ import re
 from pathlib import Path
 
 from llamafactory_ext import UserError
-from llamafactory_ext.fileio import atomic_write_text
+from llamafactory_ext.fileio import atomic_write_text, check_output
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 DEFAULT_DATASET_INFO = "dataset_info.json"
@@ -77,7 +79,12 @@ def check_dataset_file(file: str | os.PathLike) -> None:
 def _load(path: Path) -> dict:
     if not path.exists():
         return {}
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start + 1} is 0x{raw[e.start]:02x}); LLaMA-Factory "
+                        "reads it as UTF-8 JSON: fix or remove it (it was not changed)") from None
     if not text.strip():
         return {}
     try:
@@ -101,10 +108,13 @@ def register(name: str, file: str | os.PathLike, dataset_info: str | os.PathLike
                         "(LLaMA-Factory splits `dataset: a,b` on commas)")
     check_dataset_file(file)
     path = Path(dataset_info)
+    if path.is_dir():
+        raise UserError(f"--dataset-info {path} is a folder; give the JSON file, e.g. {path / DEFAULT_DATASET_INFO}")
+    check_output(path, "--dataset-info")
+    _load(path)  # a malformed file fails here, before the lock is taken
     entry = entry_for(file, path)
     from filelock import FileLock
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=60):
         info = _load(path)
         old = info.get(name)

@@ -97,6 +97,28 @@ def test_malformed_dataset_info_is_named_and_never_overwritten(tmp_path, content
     assert info.read_text() == content
 
 
+@pytest.mark.parametrize("where", ["folder", "not-utf8", "under-a-file"])
+def test_bad_dataset_info_place_is_a_one_line_error(tmp_path, capsys, where):
+    data = alpaca(tmp_path / "d.jsonl")
+    latin1 = '{"café": {"file_name": "x.jsonl"}}'.encode("latin-1")
+    if where == "folder":
+        info = tmp_path / "data"
+        info.mkdir()
+    elif where == "not-utf8":
+        info = tmp_path / "dataset_info.json"
+        info.write_bytes(latin1)
+    else:
+        (tmp_path / "file").write_text("x")
+        info = tmp_path / "file" / "dataset_info.json"
+    assert main(["register", "d", str(data), "--dataset-info", str(info)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert {"folder": "is a folder", "not-utf8": "is not UTF-8 text (byte 6 is 0xe9)",
+            "under-a-file": "is a file, not a folder"}[where] in err
+    if where == "not-utf8":
+        assert info.read_bytes() == latin1  # untouched
+
+
 def test_dataset_file_is_validated(tmp_path, info):
     with pytest.raises(UserError, match="does not exist"):
         register("d", tmp_path / "missing.jsonl", info)
