@@ -1,10 +1,11 @@
 """Interrupting a command never leaves a half-written output: real subprocesses, real signals, mid-write.
 
-`truncate` and `split` are frozen (SIGSTOP) once their temp output provably holds data, checked to be
-mid-run while frozen, then sent SIGINT or SIGKILL: the previous complete OUT survives byte for byte (or
-stays absent), Ctrl-C exits 130 without temp files, and what a SIGKILL leaves is removed by the next write.
-`register` runs 20 writers at once with random SIGKILLs: dataset_info.json always parses and loses nothing.
-(`convert` has its own interrupt tests in test_convert.py.)
+`truncate`, `split` and `register` are frozen (SIGSTOP) once their temp output provably holds data, checked
+to be mid-run while frozen, then sent SIGINT, SIGTERM or SIGKILL: the previous complete OUT survives byte
+for byte (or stays absent), Ctrl-C exits 130 and SIGTERM 143 without temp files, and what a SIGKILL leaves
+is removed by the next write. `register` also runs 20 writers at once with random SIGKILLs:
+dataset_info.json always parses and loses nothing. (`convert` has its own interrupt tests in
+test_convert.py.)
 """
 
 from __future__ import annotations
@@ -62,9 +63,15 @@ def interrupt(proc: subprocess.Popen, sig: int) -> bytes:
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and b"interrupted" in err, err.decode()[-2000:]
+    elif sig == signal.SIGTERM:  # unwinds like Ctrl-C, quietly, with the shell's code for "killed by SIGTERM"
+        assert proc.returncode == 128 + signal.SIGTERM and b"Traceback" not in err, err.decode()[-2000:]
     else:
         assert proc.returncode == -signal.SIGKILL
     return err
+
+
+SIGNALS = pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+                                  ids=["SIGINT", "SIGTERM", "SIGKILL"])
 
 
 # ---- truncate ------------------------------------------------------------------------------------------------
@@ -82,21 +89,24 @@ def truncate_input(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_truncate_interrupt_keeps_previous_out(tmp_path, tiny_models, truncate_input, sig):
+@pytest.mark.parametrize("workers", [1, 2])
+@SIGNALS
+def test_truncate_interrupt_keeps_previous_out(tmp_path, tiny_models, truncate_input, sig, workers):
+    if workers == 2 and sig == signal.SIGKILL:
+        pytest.skip("SIGKILL does not care about threads")
     out = tmp_path / "out.jsonl"
     out.write_bytes(PREVIOUS)
     plot = tmp_path / "out.lengths.png"
     plot.write_bytes(b"previous png")
     proc = subprocess.Popen([*CLI, "truncate", str(truncate_input), str(out), "--tokenizer",
                              str(tiny_models["mistral"]), "--template", "mistral", "--max-tokens", "256",
-                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+                             "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
     freeze_mid_write(proc, tmp_path, "out.jsonl", 64 * 1024)
     interrupt(proc, sig)
     assert out.read_bytes() == PREVIOUS and plot.read_bytes() == b"previous png"
     assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
-    if sig == signal.SIGINT:
-        assert not temps(tmp_path)  # Ctrl-C cleans its temp files up
+    if sig != signal.SIGKILL:
+        assert not temps(tmp_path)  # Ctrl-C and SIGTERM clean their temp files up
     else:  # SIGKILL cannot: the next write of the same OUT removes them (the dead writer's, nobody else's)
         left = temps(tmp_path)
         assert {p.name.split(".")[-3] for p in left} == {f"{proc.pid}-{_host_tag()}"}
@@ -120,7 +130,7 @@ SPLIT_OUTS = ("reviews_train.jsonl", "reviews_test.jsonl", "reviews_train_5k.jso
 
 
 @pytest.mark.parametrize("previous", [True, False], ids=["previous", "none"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@SIGNALS
 def test_split_interrupt_keeps_previous_outs(tmp_path, split_input, sig, previous):
     if previous:
         for name in SPLIT_OUTS:
@@ -134,7 +144,7 @@ def test_split_interrupt_keeps_previous_outs(tmp_path, split_input, sig, previou
             assert (tmp_path / name).read_bytes() == PREVIOUS + name.encode(), name
         else:
             assert not (tmp_path / name).exists(), name
-    if sig == signal.SIGINT:
+    if sig != signal.SIGKILL:
         assert not temps(tmp_path)
     else:
         assert len(temps(tmp_path)) == len(SPLIT_OUTS)
@@ -214,6 +224,24 @@ def test_register_survives_parallel_writers_and_sigkills(tmp_path):
 
     # the next write removes whatever the killed writers left behind
     atomic_write_text(info, info.read_text())
+    assert not temps(tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_register_interrupt_mid_write_keeps_previous_file(tmp_path, sig):
+    """A registration into a big dataset_info.json, frozen while its temp file is written, then interrupted:
+    the file is the previous one, byte for byte, and no temp file is left."""
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({f"old_{i}": {"file_name": f"old/{i}.jsonl", "formatting": "alpaca", "note": "x" * 200}
+                                for i in range(100_000)}, indent=2) + "\n")
+    before = info.read_bytes()
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "I", "input": "p", "output": "r"}) + "\n")
+    proc = subprocess.Popen([*CLI, "register", "new", str(data), "--dataset-info", str(info)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    freeze_mid_write(proc, tmp_path, "dataset_info.json", 1)
+    interrupt(proc, sig)
+    assert info.read_bytes() == before
     assert not temps(tmp_path)
 
 
