@@ -97,8 +97,8 @@ class _Layout:
         return getattr(self._tok, name)
 
     def encode(self, text: str, add_special_tokens: bool = True, **kwargs) -> list[int]:
-        if add_special_tokens or kwargs:  # LLaMA-Factory 0.9.5 never does; a later version might
-            raise NotImplementedError(f"template encodes with add_special_tokens={add_special_tokens} {kwargs}")
+        if add_special_tokens or kwargs:  # not how LLaMA-Factory 0.9.5 encodes: real ids, counted as they are
+            return self._tok.encode(text, add_special_tokens=add_special_tokens, **kwargs)
         self.texts.append(text)
         return [_Text(len(self.texts) - 1)]
 
@@ -109,24 +109,23 @@ def _length(items: list[int], counts: list[int]) -> int:
 
 class _Tokens:
     """The tokens of one text, read from pieces of Rust encodings: token i -> (id, (start, end)) in characters
-    of that text. A piece is (encoding, its first token, number of tokens, where its text starts in this one)."""
+    of that text. A piece is (encoding, its ids, its first token, number of tokens, where its text starts in
+    this one)."""
 
     def __init__(self, *pieces):
-        self.pieces = [p for p in pieces if p[2] > 0]
-        self._ids: dict[int, list[int]] = {}
+        self.pieces = [p for p in pieces if p[3] > 0]
 
     @classmethod
     def of(cls, enc) -> _Tokens:
-        return cls((enc, 0, len(enc), 0))
+        return cls((enc, enc.ids, 0, len(enc), 0))  # (the ids list is built once per encoding)
 
     def __len__(self) -> int:
-        return sum(p[2] for p in self.pieces)
+        return sum(p[3] for p in self.pieces)
 
     def __getitem__(self, i: int) -> tuple[int, tuple[int, int]]:
-        for enc, first, n, shift in self.pieces:
+        for enc, ids, first, n, shift in self.pieces:
             if i < n:
                 a, b = enc.token_to_chars(first + i)
-                ids = self._ids.get(id(enc)) or self._ids.setdefault(id(enc), enc.ids)
                 return ids[first + i], (a + shift, b + shift)
             i -= n
         raise IndexError(i)
@@ -154,15 +153,18 @@ def _sync(got: list, want: list) -> tuple[int, int] | None:
 class Truncator:
     """Measures and cuts one record at a time with a tokenizer and a LLaMA-Factory template.
 
-    How it stays exact at the cost of about one tokenization: LLaMA-Factory's template lays the record out
-    as texts and special tokens (`layout`); the texts are tokenized once, with character offsets. A paper
-    that does not fit is cut at the end of the token that leaves exactly the excess out, and the cut text is
-    counted by re-encoding only its last WINDOW tokens and the template text after it: the window's tokens
-    must come out as in the full encoding for at least AGREE tokens, which ties the count to the known
-    tokens before it; otherwise the whole cut text is re-encoded (counted in `recounts`). If the count is
-    over budget, the cut moves back by the overshoot and is counted again. Slow (non-Rust) tokenizers, and a
-    paper the template changes (a literal `{{idx}}` for some templates), take the plain path: the
-    template's encode_oneturn on every try (`process_exact`)."""
+    The rule (`process_exact`, the plain way): the paper's own tokens (the paper encoded alone) are counted;
+    a record over budget keeps the first n - excess of them; the cut record is measured with LLaMA-Factory's
+    template, and while it is over budget the cut moves back by the overshoot.
+
+    The same result at about one tokenization per record (`process`): the template is asked for the texts it
+    would tokenize (`layout`), which are encoded once, with character offsets. The paper's own tokens are
+    those of the prompt except near the paper's two ends, so only a window of WINDOW tokens at each end is
+    encoded alone (`_alone`). A cut text is counted by re-encoding only its last WINDOW tokens and what
+    follows (`_count_cut`). A window is trusted only if its tokens come out as in the full encoding over at
+    least AGREE tokens, which ties it to the known tokens before it; otherwise the whole text is encoded
+    (counted in `recounts`). Slow (non-Rust) tokenizers, and a paper the template rewrites (a literal
+    `{{idx}}` for some templates), take the plain path."""
 
     def __init__(self, tokenizer, template, *, max_tokens: int, inference: bool = False,
                  paper_tokens: int = DEFAULT_PAPER_TOKENS):
@@ -271,16 +273,15 @@ class Truncator:
         at = _sync(win.span(0, min(len(win), WINDOW), start), known.span(t0, m - 3))
         return self._recount(text) if at is None else t0 + at[1] + len(win) - at[0]
 
-    def _alone(self, paper: str, enc, p0: int, first: int, last: int) -> _Tokens:
+    def _alone(self, paper: str, ctx: _Tokens, p0: int, first: int, last: int) -> _Tokens:
         """The tokens of `paper` encoded on its own (what `--paper-tokens` and the cuts count), from its
-        tokens `first..last` in the prompt (`enc`, the paper at p0): they differ only near the paper's ends
+        tokens `first..last` in the prompt (`ctx`, the paper at p0): they differ only near the paper's ends
         (e.g. "\\n\\n" at the end of a text is one token, "\\n" + "\\n[" before "[/INST]"), so only a window at
         each end is encoded on its own."""
         if last - first < 3 * WINDOW:
             return _Tokens.of(self._encode([paper])[0])
-        ctx = _Tokens.of(enc)
-        head_end = enc.token_to_chars(first + WINDOW)[1] - p0
-        tail_start = enc.token_to_chars(last - WINDOW)[0] - p0
+        head_end = ctx[first + WINDOW][1][1] - p0
+        tail_start = ctx[last - WINDOW][1][0] - p0
         head, tail = map(_Tokens.of, self._encode([paper[:head_end], paper[tail_start:]]))
         at_head = _sync(head.span(0, len(head)), ctx.span(first, first + WINDOW - 3, -p0))
         at_tail = _sync(tail.span(0, min(len(tail), WINDOW), tail_start), ctx.span(last - WINDOW, last - 3, -p0))
@@ -290,8 +291,9 @@ class Truncator:
             return _Tokens.of(self._encode([paper])[0])
         (u, t), (v, t2) = at_head, at_tail
         mid, end = first + t, last - WINDOW + t2
-        return _Tokens((head.pieces[0][0], 0, u, 0), (enc, mid, end - mid, -p0),
-                       (tail.pieces[0][0], v, len(tail) - v, tail_start))
+        (enc, ids, *_), = ctx.pieces
+        return _Tokens((*head.pieces[0][:2], 0, u, 0), (enc, ids, mid, end - mid, -p0),
+                       (*tail.pieces[0][:2], v, len(tail) - v, tail_start))
 
     def process(self, record: dict) -> tuple[dict | None, int, int, str | None]:
         """-> (record to write or None if dropped, length before, length after, drop reason).
@@ -321,7 +323,8 @@ class Truncator:
             return self.process_exact(record)
         while last + 1 < len(enc) and enc.token_to_chars(last + 1)[0] < p1:  # a character split into tokens
             last += 1
-        alone = self._alone(paper, enc, p0, first, last)
+        ctx = _Tokens.of(enc)
+        alone = self._alone(paper, ctx, p0, first, last)
 
         def with_paper(cut: str) -> tuple[dict, list[int]] | None:
             """The record with paper `cut` and its text counts; None if the template lays it out otherwise
@@ -331,7 +334,7 @@ class Truncator:
             if self.layout(new)[2] != [*texts[:ti], spliced, *texts[ti + 1:]]:
                 return None
             m = (enc.char_to_token(p0 + len(cut) - 1) if cut else None) or 0  # tokens before m are in the cut
-            return new, [*counts[:ti], self._count_cut(_Tokens.of(enc), m, spliced), *counts[ti + 1:]]
+            return new, [*counts[:ti], self._count_cut(ctx, m, spliced), *counts[ti + 1:]]
 
         if self.inference:
             if len(alone) <= self.paper_tokens:
