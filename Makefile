@@ -115,10 +115,10 @@ judge: $(STAMP)
 	    --papers "$${LFX_PAPERS:-$(RUN_DIR)/predict/papers.jsonl}" --base-url "$$LFX_JUDGE_URL" \
 	    --model "$$LFX_JUDGE_MODEL" --out "$(RUN_DIR)/judge_temp_$${LFX_TEMP:-0.35}" $(call flag,RETRY_INVALID,--retry-invalid)
 
-# make review PAPER=paper.pdf  (with the merged model of MODEL x DATA)
+# make review PAPER=paper.pdf  (with the run of MODEL x DATA: its merged model, else base + adapter)
 review: $(STAMP)
 	@test -n "$$LFX_PAPER" || { echo "error: make review needs PAPER=path/to/paper.pdf"; exit 2; }
-	$(EXT) review "$$LFX_PAPER" --model "$(RUN_DIR)/merged"
+	$(EXT) review "$$LFX_PAPER" --model "$(RUN_DIR)"
 
 # ---- tests and benchmarks ----
 test: $(STAMP)

@@ -118,11 +118,14 @@ def run_row(name: str, reviews: list[dict], labels: list[str]) -> dict:
     words = [len(t.split()) for t in texts]
     chars = [len(t) for t in texts]
     row = {"run": name, "n": len(texts)}
-    row.update(similarity(texts, labels))
+    if any(t.strip() for t in labels):
+        row.update(similarity(texts, labels))
+        row["ref_words_mean"] = statistics.fmean(len(t.split()) for t in labels)
+    else:  # papers without reference reviews (predict PAPERS=file without "output"): no reference metrics
+        row.update({k: "" for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "ref_words_mean")})
     row["all_sections_%"] = 100.0 * sum(r["has_all_sections"] for r in reviews) / len(reviews)
     row.update(words_mean=statistics.fmean(words), words_median=statistics.median(words),
-               chars_mean=statistics.fmean(chars), chars_median=statistics.median(chars),
-               ref_words_mean=statistics.fmean(len(t.split()) for t in labels))
+               chars_mean=statistics.fmean(chars), chars_median=statistics.median(chars))
     return row
 
 

