@@ -188,14 +188,19 @@ def _raw_text(line: bytes) -> str:
     return line.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
 
 
-def _record(source: dict, instruction: str) -> dict:
+def _record(source: dict, instruction: str, reviews: bool = True) -> dict:
     """Alpaca record from an `{input, output, ...}` object: the instruction first, then the source's fields
-    in their order (a source `instruction` is replaced)."""
+    in their order (a source `instruction` is replaced). `reviews=False` (papers to review): a missing, null
+    or empty `output` becomes ""."""
     _field(source, "input")
-    _field(source, "output")
+    if reviews or source.get("output") not in (None, ""):
+        _field(source, "output")
     record = {"instruction": instruction}
     record.update(source)
     record["instruction"] = instruction
+    record.setdefault("output", "")
+    if record["output"] is None:
+        record["output"] = ""
     return record
 
 
@@ -227,7 +232,7 @@ def compile_jq(program: str):
         raise UserError(f"--jq program does not compile: {e}") from None
 
 
-def _jq_records(prog, line: bytes, instruction: str) -> list[dict]:
+def _jq_records(prog, line: bytes, instruction: str, reviews: bool = True) -> list[dict]:
     """Run the jq program on one (already JSON-checked) line; each result must be an {input, output} object."""
     try:
         results = prog.input_text(line.decode("utf-8")).all()
@@ -241,7 +246,7 @@ def _jq_records(prog, line: bytes, instruction: str) -> list[dict]:
         if type(value) is not dict:
             raise _Reject("jq not an object", f"jq result is {_json_type(value)}, not an object{where}")
         try:
-            records.append(_record(value, instruction))
+            records.append(_record(value, instruction, reviews))
         except _Reject as e:
             raise _Reject(e.kind, e.reason + " in the jq output" + where) from None
     return records
@@ -289,7 +294,7 @@ def _size(path: Path) -> int | None:
 
 
 def _convert_stream(src: Path, out_f, rej_f, stats: ConvertStats, *, instruction: str, prog, strict: bool,
-                    dedup: bool) -> None:
+                    dedup: bool, reviews: bool = True) -> None:
     """The hot loop: one pass over the file in binary; orjson parses every line."""
     loads, dumps = orjson.loads, orjson.dumps
     decode_error = orjson.JSONDecodeError
@@ -321,11 +326,11 @@ def _convert_stream(src: Path, out_f, rej_f, stats: ConvertStats, *, instruction
                     value, line = parsed
                 _check_keys(line, value)
                 if prog is not None:
-                    records = _jq_records(prog, line, instruction)
+                    records = _jq_records(prog, line, instruction, reviews)
                     blobs = _encode(records)
                 elif type(value) is not dict:
                     raise _Reject("not an object", f"JSON value is {_json_type(value)}, not an object")
-                elif "instruction" not in value and not _needs_reencoding(line):
+                elif "instruction" not in value and not _needs_reencoding(line) and (reviews or value.get("output")):
                     # Fast path: the line is a valid object (just parsed); once its fields are checked, its
                     # bytes ARE the record's JSON: splice the instruction in front, no 50 KB re-encoding.
                     _field(value, "input")
@@ -336,7 +341,7 @@ def _convert_stream(src: Path, out_f, rej_f, stats: ConvertStats, *, instruction
                     else:  # leading blanks, CRLF, no final newline
                         blobs = (join((prefix, memoryview(line.strip())[1:], b"\n")),)
                 else:
-                    records = (_record(value, instruction),)
+                    records = (_record(value, instruction, reviews),)
                     blobs = _encode(records)
             except _Reject as e:
                 if strict:
@@ -378,11 +383,13 @@ def convert(
     jq_program: str | None = None,
     strict: bool = False,
     dedup: bool = False,
+    reviews: bool = True,
 ) -> ConvertStats:
     """Convert `src` to alpaca JSONL `out` (see the module docstring); returns a ConvertStats (`read`,
     `accepted`, `rejected` lines, `written` records, `out` and `rejects` paths). Raises UserError, before any
     work, when the input is missing or an output cannot be written; and when `--strict` meets a bad line or
-    nothing at all is accepted (then OUT is not written)."""
+    nothing at all is accepted (then OUT is not written). `reviews=False`: papers to review, whose `output`
+    (the reference review) may be missing; it becomes "" (`make predict PAPERS=`)."""
     src, out = Path(src), Path(out)
     rejects = Path(rejects) if rejects is not None else default_rejects_path(out)
     if not src.exists() or src.is_dir():  # a pipe (/dev/stdin, a FIFO) is fine: the input is read once, in order
@@ -400,7 +407,8 @@ def convert(
 
     stats = ConvertStats()
     with out_and_rejects(out, rejects) as (out_f, rej_f):
-        _convert_stream(src, out_f, rej_f, stats, instruction=instruction, prog=prog, strict=strict, dedup=dedup)
+        _convert_stream(src, out_f, rej_f, stats, instruction=instruction, prog=prog, strict=strict, dedup=dedup,
+                        reviews=reviews)
     stats.out = out if stats.written else None
     stats.rejects = rejects if stats.kinds else None
     if stats.out is None:

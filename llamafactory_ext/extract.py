@@ -118,10 +118,11 @@ def run_row(name: str, reviews: list[dict], labels: list[str]) -> dict:
     words = [len(t.split()) for t in texts]
     chars = [len(t) for t in texts]
     row = {"run": name, "n": len(texts)}
-    if any(t.strip() for t in labels):
-        row.update(similarity(texts, labels))
-        row["ref_words_mean"] = statistics.fmean(len(t.split()) for t in labels)
-    else:  # papers without reference reviews (predict PAPERS=file without "output"): no reference metrics
+    pairs = [(t, ref) for t, ref in zip(texts, labels, strict=True) if ref.strip()]
+    if pairs:  # over the papers that have a reference review (predict PAPERS=file may hold some without)
+        row.update(similarity([t for t, _ in pairs], [ref for _, ref in pairs]))
+        row["ref_words_mean"] = statistics.fmean(len(ref.split()) for _, ref in pairs)
+    else:  # no reference review at all: no reference metrics
         row.update({k: "" for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "ref_words_mean")})
     row["all_sections_%"] = 100.0 * sum(r["has_all_sections"] for r in reviews) / len(reviews)
     row.update(words_mean=statistics.fmean(words), words_median=statistics.median(words),

@@ -479,14 +479,30 @@ def papers_dataset(ns: argparse.Namespace, trained: dict, rdir: Path, family: fa
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", src.stem)
     root = rdir / "predict" / stem
     root.mkdir(parents=True, exist_ok=True)
-    conv = convert(src, root / "converted.jsonl", allow_missing_output=True)
+    conv = convert(src, root / "converted.jsonl", reviews=False)
     print(f"papers: {conv.summary(False)}", file=sys.stderr)
     tokenizer = str(trained["model_name_or_path"])
     st = truncate(root / "converted.jsonl", root / "papers.jsonl", tokenizer=tokenizer, template=trained["template"],
                   inference=True, paper_tokens=family.paper_budget, plot=False)
     print(f"papers: {st.records} papers, {st.cut} cut to {family.paper_budget} tokens", file=sys.stderr)
+    _name_papers(root / "papers.jsonl", stem)
     register("papers", root / "papers.jsonl", root / "dataset_info.json", force=True)
     return "papers", str(root), root, root / "papers.jsonl"
+
+
+def _name_papers(path: Path, stem: str) -> None:
+    """Give every paper without a `paper_id` one (`<file stem>-<n>`): the reviews are named after them."""
+    import json
+
+    from llamafactory_ext.fileio import atomic_write_text
+
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if all(isinstance(r.get("paper_id"), str) and r["paper_id"] for r in rows):
+        return
+    for i, r in enumerate(rows, 1):
+        if not (isinstance(r.get("paper_id"), str) and r["paper_id"]):
+            r["paper_id"] = f"{stem}-{i}"
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ real tokenizers); the resume decisions are checked on real folders, through `lau
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -321,3 +322,27 @@ def test_recipe_registry_resolves_only_training_splits(ws):
             recipes.resolve("tiny", "mine_test", info)
     finally:
         os.chdir(cwd)
+
+
+# ------------------------------------------------------------------------------ predict any file (issue 10.3)
+@pytest.mark.slow
+def test_predict_papers_from_any_file_with_and_without_reviews(ws):
+    rows = [json.loads(x) for x in (ROOT / "data/sample/paper_review.jsonl").open()][:3]
+    papers = ws / "new papers.jsonl"
+    with papers.open("w") as f:
+        f.write(json.dumps({"paper_id": rows[0]["paper_id"], "input": rows[0]["input"], "output": rows[0]["output"]}) + "\n")
+        f.write(json.dumps({"input": rows[1]["input"]}) + "\n")  # no review, no id
+        f.write(json.dumps({"input": rows[2]["input"], "output": None}) + "\n")
+    p = ext(ws, "run", "predict", "--model", "tiny", "--data", "sample", "--base", "--papers", str(papers),
+            "--max-new-tokens", "8")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = ws / "runs/tiny_sample/predict/new_papers"
+    table = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["run"] for r in table] == ["base_temp_0.35"] and table[0]["n"] == "3"
+    assert table[0]["bleu-4"] != ""  # one paper has its reference review
+    reviews = [json.loads(x) for x in (out / "base_temp_0.35/reviews.jsonl").open()]
+    assert [r["paper_id"] for r in reviews] == [rows[0]["paper_id"], "new_papers-2", "new_papers-3"]
+    doc = json.loads((out / "papers.jsonl").read_text().splitlines()[1])
+    assert doc["output"] == "" and len(doc["input"]) < len(rows[1]["input"])  # cut to the family's paper budget
+    assert json.loads((ws / "dataset_info.json").read_text()).keys() >= {"mine_train"}  # the project's untouched
+    assert "papers" not in json.loads((ws / "dataset_info.json").read_text())

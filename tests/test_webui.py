@@ -218,6 +218,7 @@ def llamaboard(tmp_path_factory):
 
 
 @pytest.mark.parametrize("accelerator", [False, True], ids=["cpu", "gpu"])
+@pytest.mark.slow
 def test_every_recipe_loads_as_a_llamaboard_config(llamaboard, accelerator):
     """Each sft_recipes/*.yaml, loaded as a config, makes LlamaBoard pass LLaMA-Factory the recipe's arguments:
     paths resolved in the project, output in runs/<recipe>/adapter; without a GPU fp32 and no DeepSpeed."""
@@ -268,6 +269,7 @@ def test_a_recipe_says_what_is_missing(tmp_path):
     assert f"trains into `{tmp_path}/runs/tiny_sample_20260101-000000/adapter`" in note
 
 
+@pytest.mark.slow
 def test_listens_on_loopback_only_by_default(server):
     import psutil
 
@@ -279,6 +281,7 @@ def test_listens_on_loopback_only_by_default(server):
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_page_offers_built_datasets_recipes_and_fp32(page, server, project, artifacts_dir):
     """Train: only datasets whose files exist, no test split; every recipe under "Config path"; fp32 without a
     GPU. Evaluate: the test split first."""
@@ -304,6 +307,7 @@ def test_page_offers_built_datasets_recipes_and_fp32(page, server, project, arti
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_review_tab_reviews_an_uploaded_pdf(page, server, reviewer, review_pdf, artifacts_dir):
     """Upload a PDF, keep the default run (the newest), read the four sections, download the Markdown."""
     page.get_by_role("heading", name=re.compile("LLaMA Factory")).wait_for()
@@ -360,6 +364,7 @@ def gradio_client():
     return pytest.importorskip("gradio_client")  # comes with gradio
 
 
+@pytest.mark.slow
 def test_review_api_is_the_cli_code(server, project, reviewer, review_pdf, tiny_models, gradio_client, tmp_path):
     """POST /review (file, run, temperature, max_new_tokens) -> the Markdown `llamafactory-ext review` writes
     (greedy: the same text); run "" is the newest run; an adapter-only run works; errors say what is wrong."""
@@ -465,6 +470,7 @@ def _status(req: urllib.request.Request | str, opener=None) -> int:
         return e.code
 
 
+@pytest.mark.slow
 def test_auth_refuses_unauthenticated_requests(project, review_pdf, gradio_client, tmp_path):
     """With a login, every route needs it: the page, its config, LlamaBoard's handlers, and the review API."""
     port = free_port()
