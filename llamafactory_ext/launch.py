@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -35,9 +36,31 @@ ROPE_TYPES = ("linear", "dynamic")
 LAUNCH_ENV = ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
               "RDZV_ID", "MIN_NNODES", "MAX_NNODES", "MAX_RESTARTS")
 PREDICT_CUTOFF = 1_000_000
-# CPU training/generation: one torch thread per process. On this project's 2-core machines two threads
-# cost 4-6x the CPU of one under load for little speed (see README, "Threads"); GPUs are unaffected.
-CPU_THREADS = "1"
+
+
+def cpu_threads(sample_s: float = 0.5) -> tuple[int, str]:
+    """Torch threads for a CPU run: one per core that is idle right now (at least 1), and why.
+
+    Measured (tests/bench_threads.py, SmolLM2-135M, 2 cores): on idle cores 2 threads take 0.56-0.65x the
+    wall time of 1 per training step and 0.53-0.59x per prefill; on a busy machine 2 threads ran 2.5-6x
+    SLOWER than 1 (spin-waiting on a core another process holds). So count the idle cores now, from
+    /proc/stat over `sample_s` seconds (not the load average, which still holds the previous stage).
+    """
+    n = os.cpu_count() or 1
+
+    def snap() -> tuple[int, int]:
+        vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = snap()
+        time.sleep(sample_s)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return 1, "CPU load unknown"
+    busy = n * (1 - (i1 - i0) / max(t1 - t0, 1))
+    threads = max(1, min(n, int(n - busy + 0.5)))
+    return threads, f"{busy:.1f} of {n} cores busy"
 
 
 def positive_int(name: str, value, example: str = "8192 or 8k") -> int:
@@ -326,9 +349,12 @@ def launch_env(ns: argparse.Namespace, args: dict) -> dict[str, str]:
         val = getattr(ns, attr, None)
         if val not in (None, ""):
             env[key] = str(val)
-    if not _has_cuda():
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, CPU_THREADS)
+    if not _has_cuda() and "OMP_NUM_THREADS" not in env and not getattr(ns, "dry_run", False):
+        threads, why = cpu_threads()
+        env["OMP_NUM_THREADS"] = str(threads)
+        env.setdefault("MKL_NUM_THREADS", str(threads))
+        print(f"note: CPU run, {threads} torch thread(s) ({why}; set OMP_NUM_THREADS to choose)",
+              file=sys.stderr)
     return env
 
 
@@ -378,8 +404,6 @@ def cmd_sft(ns: argparse.Namespace) -> int:
     if "resume_from_checkpoint" not in args:  # a new run: record what defines it
         runs.write_identity(rdir, runs.identity(args, args.get("dataset_dir", ".")))
     atomic_write_text(final, dump_yaml(args))
-    if not _has_cuda() and family.local:
-        print(f"note: CPU run, {env.get('OMP_NUM_THREADS')} torch thread(s) (OMP_NUM_THREADS)", file=sys.stderr)
     return _launch(["llamafactory-cli", "train", str(final)], env)
 
 
@@ -546,7 +570,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
             "temperature": t if t > 0 else 1.0,
             "top_p": ns.top_p,
             "max_new_tokens": ns.max_new_tokens or family.max_new_tokens,
-            "per_device_eval_batch_size": ns.batch_size,
+            "per_device_eval_batch_size": ns.batch_size or family.predict_batch,
             "output_dir": str(out),
             "overwrite_output_dir": True,
             "report_to": "none",
@@ -636,7 +660,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pred.add_argument("--top-p", type=float, default=0.9)
     pred.add_argument("--max-new-tokens", type=int, default=None, help="default: the family's")
     pred.add_argument("--max-samples", type=int, default=None)
-    pred.add_argument("--batch-size", type=int, default=1)
+    pred.add_argument("--batch-size", type=int, default=None,
+                      help="papers generated together (default: the family's predict_batch)")
     pred.add_argument("--seed", type=int, default=42)
     pred.add_argument("--dataset", default=None, help="registered test split (default: the training data's)")
     pred.add_argument("--papers", default=None, metavar="FILE",

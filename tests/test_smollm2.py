@@ -30,8 +30,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    return smollm2.ensure(MODEL)
+def model_dir(smollm2_model) -> Path:
+    """The shared build (conftest's smollm2_model: build/smollm2, built once, kept across sessions)."""
+    assert smollm2_model == MODEL
+    return smollm2_model
 
 
 @pytest.fixture(scope="session")
