@@ -72,7 +72,7 @@ demo: $(STAMP)
 data: $(STAMP)
 	$(EXT) data $(call opt,MODEL,--model) $(call opt,IN,--in) $(call opt,NAME,--name) $(call opt,CUTOFF,--cutoff) \
 	    $(call opt,PAPER_TOKENS,--paper-tokens) $(call opt,TEST_SIZE,--test-size) $(call opt,SIZES,--sizes) \
-	    $(call opt,JQ,--jq) $(call opt,MODEL_PATH,--model-path)
+	    $(call opt,JQ,--jq) $(call opt,MODEL_PATH,--model-path) $(call opt,TEMPLATE,--template)
 
 sft: $(STAMP)
 	$(EXT) run sft $(RUN_OPTS) $(call opt,ROPE,--rope) $(call opt,CUTOFF,--cutoff) $(call opt,RESUME,--resume) $(DIST_OPTS)

@@ -190,7 +190,9 @@ def data_problems(args: dict, family: families.Family, *, key: str = "dataset", 
                             f"{'test' if mode == 'inference' else 'training'} split)")
         if doc.get("template") != args.get("template"):
             problems.append(f"{key}: {name} was cut for template {doc.get('template')!r}, this run uses "
-                            f"{args.get('template')!r}; {_rebuild(doc, family)} for this model")
+                            f"{args.get('template')!r}; "
+                            + _rebuild(doc, family, "" if args.get("template") == family.template
+                                       else f"TEMPLATE={args.get('template')}") + " for this model")
         budget = doc.get("budget")
         cutoff = args.get("cutoff_len", 2048)
         if mode == "train" and isinstance(budget, int) and isinstance(cutoff, int) and cutoff < budget:

@@ -44,7 +44,7 @@ def parse_tokens(name: str, value) -> int:
 
 def prepare(model: str, src: str | Path | None = None, name: str | None = None, *, cutoff=None,
             paper_tokens=None, test_size=None, sizes: str | None = None, jq: str | None = None,
-            model_path: str | None = None, dataset_info: str | Path = "dataset_info.json",
+            model_path: str | None = None, template: str | None = None, dataset_info: str | Path = "dataset_info.json",
             build_root: Path = BUILD, seed: int = 0) -> dict[str, dict]:
     """Build and register the datasets of one family; returns {dataset name: manifest}."""
     from llamafactory_ext.convert import convert
@@ -53,6 +53,7 @@ def prepare(model: str, src: str | Path | None = None, name: str | None = None, 
     from llamafactory_ext.truncate import load_template, load_tokenizer, truncate
 
     fam = families.get(model)
+    template = template or fam.template
     budget = parse_tokens("CUTOFF", cutoff) if cutoff else fam.train_budget
     paper_budget = parse_tokens("PAPER_TOKENS", paper_tokens) if paper_tokens else fam.paper_budget
     if name is not None and not name.replace("_", "").replace("-", "").isalnum():
@@ -78,11 +79,11 @@ def prepare(model: str, src: str | Path | None = None, name: str | None = None, 
     # the tokenizer first: a wrong MODEL_PATH fails in a second, not after the conversion
     tokenizer = str(model_path) if model_path else str(families.ensure_model(fam))
     tok = load_tokenizer(tokenizer)
-    load_template(tok, fam.template)  # fixes eos/pad exactly as training will, before fingerprinting
+    load_template(tok, template)  # fixes eos/pad exactly as training will, before fingerprinting
     tok_sha = manifest.tokenizer_fingerprint(tok)
     src_sha = manifest.sha256_file(src)
 
-    print(f"data: {src} -> {build}/ for MODEL={fam.name} (template {fam.template}, tokenizer {tokenizer}, "
+    print(f"data: {src} -> {build}/ for MODEL={fam.name} (template {template}, tokenizer {tokenizer}, "
           f"{budget} tokens per training record, {paper_budget} paper tokens at inference)", file=sys.stderr)
     conv = convert(src, build / "all.jsonl", jq_program=jq)
     print(f"convert: {conv.summary(False)}", file=sys.stderr)
@@ -97,14 +98,14 @@ def prepare(model: str, src: str | Path | None = None, name: str | None = None, 
         trains = {f"{prefix}_train": (parts.train, build / "train.jsonl", parts.counts["train"])}
         trains.update({f"{prefix}_{size_name(k)}": (p, build / f"train_{size_name(k)}.jsonl", k)
                        for k, p in parts.subsets.items()})
-    common = {"family": fam.name, "tokenizer": tokenizer, "tokenizer_sha256": tok_sha, "template": fam.template,
+    common = {"family": fam.name, "tokenizer": tokenizer, "tokenizer_sha256": tok_sha, "template": template,
               "source": str(src), "source_sha256": src_sha, "read": conv.read, "accepted": conv.accepted,
               "rejected": conv.rejected, "test_size": parts.papers["test"], "seed": seed}
     jobs = [(n, *job, False) for n, job in trains.items()]
     jobs.append((test_name, parts.test, build / "test.jsonl", parts.counts["test"], True))
     out = {}
     for dataset, split_file, dst, n_in, inference in jobs:
-        st = truncate(split_file, dst, tokenizer=tokenizer, max_tokens=budget, template=fam.template,
+        st = truncate(split_file, dst, tokenizer=tokenizer, max_tokens=budget, template=template,
                       inference=inference, paper_tokens=paper_budget)
         if st.records == 0:
             raise UserError(f"{dataset}: every record was dropped (instruction + review alone exceed {budget} "
@@ -125,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in", dest="src", default=None, help="your paper-review JSONL (default: the shipped sample)")
     p.add_argument("--name", default=None, help="dataset name: registers NAME_train, NAME_test (, NAME_<size>)")
     p.add_argument("--model-path", default=None, help="local model folder whose tokenizer to use")
+    p.add_argument("--template", default=None,
+                   help="LLaMA-Factory chat template to cut with (default: the family's; pass the same TEMPLATE= "
+                        "to make sft)")
     p.add_argument("--cutoff", default=None, help="tokens per training record (default: the family's cutoff_len)")
     p.add_argument("--paper-tokens", default=None, help="paper tokens kept for predict (default: the family's)")
     p.add_argument("--test-size", default=None, help="papers held out for predict: a count or a fraction")
@@ -136,5 +140,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     prepare(args.model, args.src, args.name, cutoff=args.cutoff, paper_tokens=args.paper_tokens,
             test_size=args.test_size, sizes=args.sizes, jq=args.jq, model_path=args.model_path,
-            dataset_info=args.dataset_info)
+            template=args.template, dataset_info=args.dataset_info)
     return 0

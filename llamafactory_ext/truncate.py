@@ -76,7 +76,7 @@ def load_template(tokenizer, template: str):
     if template not in TEMPLATES:
         near = sorted(t for t in TEMPLATES if t.startswith(template[:3]))[:10]
         raise UserError(f"LLaMA-Factory has no template {template!r}"
-                        + (f"; similar: {', '.join(near)}" if near else "") + " (the model families here: mistral, gemma)")
+                        + (f"; similar: {', '.join(near)}" if near else "") + " (see LLaMA-Factory's data/template.py)")
     return get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template))
 
 

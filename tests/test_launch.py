@@ -117,6 +117,29 @@ def test_other_template_or_tokenizer_is_refused(ws):
     assert in_ws(ws, launch.data_problems, args, launch.families.get("tiny")) == []
 
 
+def test_another_template_end_to_end_through_make_data(ws):
+    """Any HF model over a family's recipe with TEMPLATE=: the refusal names `make data ... TEMPLATE=`, and after
+    that command the same run is accepted (the data is cut with that template; its manifest says so)."""
+    p = ext(ws, "run", "sft", "--model", "tiny", "--data", "mine", "--template", "llama2", "--dry-run")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "was cut for template 'mistral', this run uses 'llama2'" in p.stderr
+    assert "re-run `make data MODEL=tiny IN=mine.jsonl NAME=mine TEMPLATE=llama2`" in p.stderr, p.stderr
+    p = ext(ws, "data", "--model", "tiny", "--in", "mine.jsonl", "--name", "mine_l2", "--test-size", "6",
+            "--template", "llama2", "--jq", "{paper_id: .paper.id, input: .paper.text, output: .reviews[0]}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "template llama2" in p.stderr
+    info = json.loads((ws / "dataset_info.json").read_text())
+    doc = json.loads((ws / (info["mine_l2_train"]["file_name"] + ".manifest.json")).read_text())
+    assert doc["template"] == "llama2"
+    train = [json.loads(x) for x in (ws / info["mine_l2_train"]["file_name"]).open()]
+    assert len(train) == 30
+    p = ext(ws, "run", "sft", "--model", "tiny", "--data", "mine_l2", "--template", "llama2", "--dry-run")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "template: llama2" in p.stdout
+    p = ext(ws, "data", "--model", "tiny", "--name", "x", "--in", "mine.jsonl", "--template", "mistrall")
+    assert p.returncode == 2 and "LLaMA-Factory has no template 'mistrall'" in p.stderr, p.stderr
+
+
 # ------------------------------------------------------------------------------ your own data (issue 11.2, 11.4)
 def test_own_data_trains_with_the_family_base_recipe(ws):
     p = ext(ws, "run", "sft", "--model", "tiny", "--data", "mine", "--dry-run")
