@@ -258,14 +258,32 @@ def sft_problems(args: dict, family: families.Family, pending: set[str] = frozen
     return problems
 
 
-def stale_extension_locks(min_age_s: float = 120) -> list[Path]:
-    """Lock files in torch's C++ extension cache that no build holds: torch's FileBaton waits on a `lock`
-    file with no owner recorded, so a build killed midway (Ctrl-C during DeepSpeed's first CPU run) hangs
-    every later one. Stale = older than `min_age_s` and no live process works in that folder."""
+def lock_file_blocks() -> bool:
+    """Does the installed torch wait on the mere existence of a C++-extension `lock` file?
+
+    Older torch builds extensions under `FileBaton`: a `lock` file with no owner, so a build killed midway hangs
+    every later one. The pinned torch 2.14.1 holds an OS advisory lock (`FileLock`) instead: the kernel drops it
+    when the holder dies and the file stays behind harmlessly after every build. Read from torch's source,
+    without importing torch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    src = Path(spec.origin).parent / "utils" / "cpp_extension.py" if spec and spec.origin else None
+    try:
+        return "FileBaton(" in src.read_text(encoding="utf-8")
+    except (OSError, AttributeError):
+        return False
+
+
+def stale_extension_locks(min_age_s: float = 120, existence_blocks: bool | None = None) -> list[Path]:
+    """Lock files in torch's C++ extension cache that would hang a DeepSpeed run: only where torch waits on a
+    lock file's existence (`lock_file_blocks`), older than `min_age_s`, and no live process works there."""
     import time
 
     import psutil
 
+    if not (lock_file_blocks() if existence_blocks is None else existence_blocks):
+        return []
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     locks = [p for p in (*root.glob("*/lock"), *root.glob("*/*/lock")) if p.is_file()]
     locks = [p for p in locks if time.time() - p.stat().st_mtime >= min_age_s]

@@ -30,32 +30,21 @@ DEFAULT_SIZES = "5000,15000"  # without --name: the seed's two training sets
 DEFAULT_TEST_SIZE = "500"  # papers held out for predict (with --in)
 
 
-def parse_tokens(name: str, value) -> int:
-    """`8192` or `8k` -> 8192; anything else is a clear error."""
-    text = str(value).strip().lower()
-    try:
-        n = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise UserError(f"{name}={value!r}: expected a positive whole number of tokens (e.g. 8192 or 8k)")
-    return n
-
-
 def prepare(model: str, src: str | Path | None = None, name: str | None = None, *, cutoff=None,
             paper_tokens=None, test_size=None, sizes: str | None = None, jq: str | None = None,
             model_path: str | None = None, template: str | None = None, dataset_info: str | Path = "dataset_info.json",
             build_root: Path = BUILD, seed: int = 0) -> dict[str, dict]:
     """Build and register the datasets of one family; returns {dataset name: manifest}."""
     from llamafactory_ext.convert import convert
+    from llamafactory_ext.launch import positive_int
     from llamafactory_ext.register import register
     from llamafactory_ext.split import parse_sizes, parse_test_size, size_name, split
     from llamafactory_ext.truncate import load_template, load_tokenizer, truncate
 
     fam = families.get(model)
     template = template or fam.template
-    budget = parse_tokens("CUTOFF", cutoff) if cutoff else fam.train_budget
-    paper_budget = parse_tokens("PAPER_TOKENS", paper_tokens) if paper_tokens else fam.paper_budget
+    budget = positive_int("CUTOFF", cutoff) if cutoff else fam.train_budget
+    paper_budget = positive_int("PAPER_TOKENS", paper_tokens) if paper_tokens else fam.paper_budget
     if name is not None and not name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"NAME={name!r}: use letters, digits, '_' and '-' (it becomes the dataset names "
                         f"{name}_train and {name}_test)")
