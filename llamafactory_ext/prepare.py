@@ -42,6 +42,7 @@ def prepare(model: str, src: str | Path | None = None, name: str | None = None, 
     from llamafactory_ext.truncate import load_template, load_tokenizer, truncate
 
     fam = families.get(model)
+    test_size_given = test_size is not None
     template = template or fam.template
     budget = positive_int("CUTOFF", cutoff) if cutoff else fam.train_budget
     paper_budget = positive_int("PAPER_TOKENS", paper_tokens) if paper_tokens else fam.paper_budget
@@ -78,7 +79,12 @@ def prepare(model: str, src: str | Path | None = None, name: str | None = None, 
     print(f"convert: {conv.summary(False)}", file=sys.stderr)
     if conv.kinds:
         print(f"convert: {conv.rejects_line()}", file=sys.stderr)
-    parts = split(build / "all.jsonl", test_size=test_size, sizes=size_list, seed=seed, out_dir=build)
+    try:
+        parts = split(build / "all.jsonl", test_size=test_size, sizes=size_list, seed=seed, out_dir=build)
+    except UserError as e:  # split speaks of its own flags; say what to set in `make data` too
+        default = "" if test_size_given else f"; not set, it is {test_size}"
+        raise UserError(f"{e}\n  with make data: TEST_SIZE= (papers held out: a count, or a fraction such as 0.1"
+                        f"{default}) and SIZES= (training subsets in records, e.g. 5k,15k)") from None
 
     if prefix is None:  # today's names for --in without --name
         test_name = f"paper_review_test_{fam.name}"

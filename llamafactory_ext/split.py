@@ -166,7 +166,8 @@ def split(src: str | os.PathLike, *, test_size: float | int, sizes: list[int] = 
     n_test = round(len(papers) * test_size) if isinstance(test_size, float) else test_size
     n_test = max(n_test, 1)
     if n_test >= len(papers):
-        raise UserError(f"--test-size {test_size} takes {n_test} papers but {src} has only {len(papers)} papers; "
+        raise UserError(f"--test-size {test_size} takes {n_test} papers but {src} has only {len(papers)} "
+                        f"paper{'s' if len(papers) > 1 else ''}; "
                         "leave some for training")
     rng = random.Random(seed)
     rng.shuffle(papers)

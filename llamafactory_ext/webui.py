@@ -584,6 +584,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"LlamaBoard: http://{shown}:{port}  (datasets: {dataset_dir}/dataset_info.json; recipes: "
           f"{dataset_dir}/{RECIPE_CONFIGS}; runs: {dataset_dir}/runs; training runs {venv_bin}/llamafactory-cli; "
           f"side files {', '.join(SIDE_FILES)} in {Path.cwd()})", flush=True)
+    # a server's log shows each line when it happens, also when it goes to a file (nohup, `> webui.log`)
+    sys.stdout.reconfigure(line_buffering=True)
     try:
         create_ui(dataset_dir).queue().launch(
             server_name=host, server_port=port, share=False, inbrowser=False, auth=auth,

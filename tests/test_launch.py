@@ -157,11 +157,12 @@ def test_make_data_says_where_the_rejected_lines_went(ws):
 
 # ------------------------------------------------------------------------------ your own data (issue 11.2, 11.4)
 def test_own_data_trains_with_the_family_base_recipe(ws):
+    before = sorted((ws / "runs").rglob("*"))  # other tests of this module leave runs of their own
     p = ext(ws, "run", "sft", "--model", "tiny", "--data", "mine", "--dry-run")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resolved from sft_recipes/tiny_sample.yaml with dataset mine_train" in p.stdout
     assert "dataset: mine_train" in p.stdout and "output_dir: runs/tiny_mine/adapter" in p.stdout
-    assert not (ws / "runs").exists()  # a dry run writes nothing
+    assert sorted((ws / "runs").rglob("*")) == before  # a dry run writes nothing
 
 
 def test_predict_uses_the_test_split_of_the_training_data(ws):
@@ -184,6 +185,12 @@ def test_too_few_papers_for_the_test_size(ws):
     p = ext(ws, "data", "--model", "tiny", "--in", "mine.jsonl", "--name", "few", "--test-size", "36",
             "--jq", "{input: .paper.text, output: .reviews[0]}")
     assert p.returncode == 2 and "has only 36 papers" in p.stderr, p.stderr
+    assert "with make data: TEST_SIZE= (papers held out" in p.stderr and "not set" not in p.stderr
+    # not given: the default (500 papers) is named as the value that was used
+    p = ext(ws, "data", "--model", "tiny", "--in", "mine.jsonl", "--name", "few",
+            "--jq", "{input: .paper.text, output: .reviews[0]}")
+    assert p.returncode == 2 and "--test-size 500 takes 500 papers" in p.stderr, p.stderr
+    assert "TEST_SIZE= (papers held out" in p.stderr and "not set, it is 500)" in p.stderr
 
 
 def test_recipes_lists_model_by_data(ws):

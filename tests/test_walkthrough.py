@@ -4,9 +4,12 @@ make predict (tuned and BASE=1) -> make judge against a real `llamafactory-cli a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 
@@ -34,10 +37,17 @@ def ws(tiny_models, tmp_path_factory):
     for name in ("Makefile", "pyproject.toml", ".venv"):
         (ws / name).symlink_to(ROOT / name)
     script = walkthrough()
-    p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ws, env=cli_env(), capture_output=True,
-                       text=True, timeout=1500)
-    (ws / "walkthrough.log").write_text(p.stdout + p.stderr)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    # its own session: a timeout or a failure also stops what it started in the background (the judge server)
+    p = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=ws, env=cli_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=1500)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    (ws / "walkthrough.log").write_text(out)
+    assert p.returncode == 0, out[-5000:]
     return ws
 
 

@@ -43,9 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# gradio_client's httpx default is 5 s; the first /gradio_api/info of a loaded LlamaBoard takes longer
+SLOW_SERVER = {"timeout": 120}
+
+
 def webui_env(**extra: str) -> dict[str, str]:
     env = cli_env(**extra)
-    for var in ("WEBUI_HOST", "WEBUI_PORT", "WEBUI_AUTH"):
+    # without it, gradio's "Running on local URL" reaches a log file only because webui line-buffers stdout
+    for var in ("WEBUI_HOST", "WEBUI_PORT", "WEBUI_AUTH", "PYTHONUNBUFFERED"):
         if var not in extra:
             env.pop(var, None)
     return env
@@ -66,11 +71,14 @@ class Server:
                 pytest.fail(f"webui exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
             except OSError:
                 time.sleep(0.5)
+                continue
+            if "Running on local URL" in self.output():  # printed after the socket opens
+                return
+            time.sleep(0.1)
         self.stop()
-        pytest.fail(f"webui did not listen on port {port} within 240 s:\n{self.output()}")
+        pytest.fail(f"webui did not listen on port {port} and say so within 240 s:\n{self.output()}")
 
     @property
     def url(self) -> str:
@@ -321,11 +329,13 @@ def test_review_tab_reviews_an_uploaded_pdf(page, server, reviewer, review_pdf, 
         assert max_new.input_value() == str(families.get("smollm2").max_new_tokens)
     number(page, "Temperature (0 = greedy)").fill("0")
     page.locator("#review_paper input[type=file]").set_input_files(str(review_pdf))
-    page.get_by_text("paper.pdf").first.wait_for()
+    # the finished upload: its row in the preview table has a download link (while uploading, gradio shows the
+    # name in a progress line and ignores a click on Review: "Waiting for file(s) to finish uploading")
+    page.locator('#review_paper tr.file:has(td.filename[aria-label="paper.pdf"]) a.download-link').wait_for()
     page.locator("#review_button").click()
 
     status = page.locator("#review_status")
-    error = page.get_by_role("alert").filter(has_text="Error").first
+    error = page.get_by_role("alert").filter(has_text=re.compile("Error|finish uploading")).first
     status.get_by_text(re.compile("tokens used")).or_(error).first.wait_for(timeout=300_000)
     page.screenshot(path=str(artifacts_dir / "webui-review.png"), full_page=True)
     assert not error.is_visible(), f"{error.inner_text()}\n{server.output()}"
@@ -372,7 +382,7 @@ def test_review_api_is_the_cli_code(server, project, reviewer, review_pdf, tiny_
 
     from llamafactory_ext.review import review_paper
 
-    client = gradio_client.Client(server.url, verbose=False)
+    client = gradio_client.Client(server.url, verbose=False, httpx_kwargs=SLOW_SERVER)
     # (gradio's Markdown drops the final newline; the downloaded file keeps it)
     got = client.predict(handle_file(str(review_pdf)), "", 0.0, 32, api_name="/review")
     assert got == review_paper(review_pdf, project / "runs" / reviewer["name"], temperature=0,
@@ -488,7 +498,7 @@ def test_auth_refuses_unauthenticated_requests(project, review_pdf, gradio_clien
         assert post("/gradio_api/call/review", {"data": [None, "", 0.35, 16]}) == 401
         assert post("/gradio_api/upload", {}) == 401
         with pytest.raises(ValueError, match="credentials were not provided"):  # no API without the login
-            gradio_client.Client(srv.url, verbose=False)
+            gradio_client.Client(srv.url, verbose=False, httpx_kwargs=SLOW_SERVER)
 
         def login(password: str):
             opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
@@ -500,7 +510,7 @@ def test_auth_refuses_unauthenticated_requests(project, review_pdf, gradio_clien
         opener, code = login("s3:cr3t")
         assert code == 200
         assert _status(f"{srv.url}/config", opener) == 200
-        client = gradio_client.Client(srv.url, auth=("alice", "s3:cr3t"), verbose=False)
+        client = gradio_client.Client(srv.url, auth=("alice", "s3:cr3t"), verbose=False, httpx_kwargs=SLOW_SERVER)
         got = client.predict(gradio_client.handle_file(str(review_pdf)), "", 0.0, 8, api_name="/review")
         assert got.startswith("# Review of paper.pdf")
     finally:
