@@ -38,29 +38,53 @@ LAUNCH_ENV = ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER
 PREDICT_CUTOFF = 1_000_000
 
 
-def cpu_threads(sample_s: float = 0.5) -> tuple[int, str]:
-    """Torch threads for a CPU run: one per core that is idle right now (at least 1), and why.
+def cgroup_cpus(root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """The CPU quota of this container in whole cores (rounded up), or None without one (cgroup v2 `cpu.max`,
+    v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`). `docker --cpus=2` on a 64-core host: 2, not 64."""
+    root = Path(root)
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_threads(sample_s: float = 0.5, cgroup_root: str | Path = "/sys/fs/cgroup") -> tuple[int, str]:
+    """Torch threads for a CPU run: one per core that this process may use and that is idle right now (at
+    least 1), and why.
 
     Measured (tests/bench_threads.py, SmolLM2-135M, 2 cores): on idle cores 2 threads take 0.56-0.65x the
     wall time of 1 per training step and 0.53-0.59x per prefill; on a busy machine 2 threads ran 2.5-6x
-    SLOWER than 1 (spin-waiting on a core another process holds). So count the idle cores now, from
-    /proc/stat over `sample_s` seconds (not the load average, which still holds the previous stage).
+    SLOWER than 1 (spin-waiting on a core another process holds). So count the idle cores now, from the
+    /proc/stat lines of the cores in this process's affinity mask over `sample_s` seconds (not the load
+    average, which still holds the previous stage), capped by the container's CPU quota.
     """
-    n = os.cpu_count() or 1
+    cpus = sorted(os.sched_getaffinity(0))
 
     def snap() -> tuple[int, int]:
-        vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+        per_cpu = {ln.split()[0]: [int(x) for x in ln.split()[1:]]
+                   for ln in Path("/proc/stat").read_text().splitlines() if ln[:3] == "cpu" and ln[3:4].isdigit()}
+        rows = [per_cpu[f"cpu{c}"] for c in cpus]
+        return sum(map(sum, rows)), sum(v[3] + (v[4] if len(v) > 4 else 0) for v in rows)  # total, idle+iowait
 
+    quota = cgroup_cpus(cgroup_root)
+    n = min(len(cpus), quota or len(cpus))
+    limit = f"{n} usable core{'s' if n > 1 else ''}" + (f" (container quota {quota})" if quota else "")
     try:
         t0, i0 = snap()
         time.sleep(sample_s)
         t1, i1 = snap()
-    except (OSError, ValueError, IndexError):
-        return 1, "CPU load unknown"
-    busy = n * (1 - (i1 - i0) / max(t1 - t0, 1))
-    threads = max(1, min(n, int(n - busy + 0.5)))
-    return threads, f"{busy:.1f} of {n} cores busy"
+    except (OSError, ValueError, KeyError):
+        return 1, f"CPU load unknown; {limit}"
+    busy = len(cpus) * (1 - (i1 - i0) / max(t1 - t0, 1))
+    threads = max(1, min(n, int(len(cpus) - busy + 0.5)))
+    return threads, f"{busy:.1f} of {len(cpus)} cores busy; {limit}"
 
 
 def positive_int(name: str, value, example: str = "8192 or 8k") -> int:

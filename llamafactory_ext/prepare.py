@@ -19,7 +19,9 @@ cut. Test papers keep their first `paper_budget` tokens (inference). Each file g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from llamafactory_ext import UserError, families, manifest
@@ -28,6 +30,19 @@ SAMPLE_IN = Path("data/sample/paper_review.jsonl")
 BUILD = Path("data/build")
 DEFAULT_SIZES = "5000,15000"  # without --name: the seed's two training sets
 DEFAULT_TEST_SIZE = "500"  # papers held out for predict (with --in)
+
+
+@contextlib.contextmanager
+def _make_terms(test_size_given: bool, test_size) -> Iterator[None]:
+    """split's errors name its own flags (--test-size, --sizes): add what to set in `make data`."""
+    try:
+        yield
+    except UserError as e:
+        if not str(e).startswith(("--test-size", "--sizes")):
+            raise
+        default = "" if test_size_given else f"; not set, it is {test_size}"
+        raise UserError(f"{e}\n  with make data: TEST_SIZE= (papers held out: a count, or a fraction such as 0.1"
+                        f"{default}) and SIZES= (training subsets in records, e.g. 5k,15k)") from None
 
 
 def prepare(model: str, src: str | Path | None = None, name: str | None = None, *, cutoff=None,
@@ -63,8 +78,9 @@ def prepare(model: str, src: str | Path | None = None, name: str | None = None, 
     src = Path(src)
     if not src.is_file():
         raise UserError(f"IN={src}: no such file" if not src.exists() else f"IN={src} is not a file")
-    size_list = parse_sizes(sizes) if sizes else []
-    test_size = parse_test_size(str(test_size))
+    with _make_terms(test_size_given, test_size):
+        size_list = parse_sizes(sizes) if sizes else []
+        test_size = parse_test_size(str(test_size))
 
     # the tokenizer first: a wrong MODEL_PATH fails in a second, not after the conversion
     tokenizer = str(model_path) if model_path else str(families.ensure_model(fam))
@@ -79,12 +95,8 @@ def prepare(model: str, src: str | Path | None = None, name: str | None = None, 
     print(f"convert: {conv.summary(False)}", file=sys.stderr)
     if conv.kinds:
         print(f"convert: {conv.rejects_line()}", file=sys.stderr)
-    try:
+    with _make_terms(test_size_given, test_size):
         parts = split(build / "all.jsonl", test_size=test_size, sizes=size_list, seed=seed, out_dir=build)
-    except UserError as e:  # split speaks of its own flags; say what to set in `make data` too
-        default = "" if test_size_given else f"; not set, it is {test_size}"
-        raise UserError(f"{e}\n  with make data: TEST_SIZE= (papers held out: a count, or a fraction such as 0.1"
-                        f"{default}) and SIZES= (training subsets in records, e.g. 5k,15k)") from None
 
     if prefix is None:  # today's names for --in without --name
         test_name = f"paper_review_test_{fam.name}"

@@ -54,9 +54,23 @@ def shipped(recipe_dir: Path = RECIPES) -> dict[tuple[str, str], Path]:
     return out
 
 
-def own_data(info: dict) -> list[str]:
-    """DATA values for your own registered data: `<name>` for every `<name>_train` dataset."""
-    return sorted(n[:-len("_train")] for n in info if n.endswith("_train"))
+def own_data(info: dict, model: str) -> list[str]:
+    """DATA values for the registered data of family `model`: `<name>` for every `<name>_train` dataset built
+    for that family (its manifest says so; unbuilt, a family's sample is its family's) or of unknown family
+    (registered by hand). Left out: what a shipped recipe already answers (`<model>_<name>.yaml`, and the
+    family's own sample when `<model>_sample.yaml` exists: that is DATA=sample)."""
+    table = shipped()
+    sample_of = {f.sample: f.name for f in families.FAMILIES.values()}
+    out = []
+    for name in sorted(n[:-len("_train")] for n in info if n.endswith("_train")):
+        doc = manifest.read(manifest.dataset_file(f"{name}_train", info) or Path("-"))
+        owner = doc.get("family") if doc else sample_of.get(name)
+        if owner not in (None, model) or (model, name) in table:
+            continue
+        if sample_of.get(name) == model and (model, "sample") in table:
+            continue
+        out.append(name)
+    return out
 
 
 def resolve(model: str, data: str, info: dict | None = None) -> Choice:
@@ -73,7 +87,7 @@ def resolve(model: str, data: str, info: dict | None = None) -> Choice:
             if not base.is_file():
                 raise UserError(f"MODEL={model}'s base recipe {base} is missing")
             return Choice(model, data, base, dataset)
-    mine = [f"MODEL={m} DATA={d}" for m, d in table if m == model] + [f"DATA={d}" for d in own_data(info)]
+    mine = [f"DATA={d}" for m, d in table if m == model] + [f"DATA={d}" for d in own_data(info, model)]
     raise UserError(f"MODEL={model} DATA={data!r}: no recipe sft_recipes/{model}_{data}.yaml and no registered "
                     f"dataset {data}_train; valid for MODEL={model}: {', '.join(mine) or 'none'} "
                     f"(your own data: `make data MODEL={model} IN=file.jsonl NAME={data}`)")
@@ -107,10 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 ds = load_yaml(path).get("dataset", "?")
                 built = "" if ds in info and (manifest.dataset_file(ds, info) or Path("-")).exists() else "  (not built)"
                 print(f"{model:<12} {data:<18} {str(path):<40} {ds}{built}")
-        for data in own_data(info):
-            doc = manifest.read(manifest.dataset_file(f"{data}_train", info) or Path("-"))
-            if doc and doc.get("family") not in (None, m):
-                continue  # built for another family
+        for data in own_data(info, m):
             print(f"{m:<12} {data:<18} {str(RECIPES / (families.get(m).base_recipe + '.yaml')):<40} {data}_train")
     print("\nmake sft MODEL=<MODEL> DATA=<DATA>   (DATA=<name> after `make data MODEL=<MODEL> IN=file NAME=<name>`)")
     return 0

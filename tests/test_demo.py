@@ -34,7 +34,7 @@ def test_tuned_model_writes_the_four_sections_and_the_base_does_not(predicted):
     base, tuned = rows["base_temp_0.35"], rows["temp_0.35"]
     assert int(base["n"]) == int(tuned["n"]) == N
     base_pct, tuned_pct = float(base["all_sections_%"]), float(tuned["all_sections_%"])
-    assert tuned_pct >= 75.0, rows  # measured: 12/12 on the demo's split, 39/40 on other ICLR 2022 papers
+    assert tuned_pct >= 75.0, rows  # measured: 12/12 on the demo's split, 19/20 on other ICLR 2022 papers
     assert base_pct <= 25.0, rows  # measured: 0/12
     assert tuned_pct - base_pct >= 50.0
     assert float(tuned["rouge-l"]) > float(base["rouge-l"])  # closer to the reference reviews, too

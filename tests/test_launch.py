@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,8 +178,16 @@ def test_predict_uses_the_test_split_of_the_training_data(ws):
 def test_unknown_data_lists_what_exists(ws):
     p = ext(ws, "run", "sft", "--model", "tiny", "--data", "mien", "--dry-run")
     assert p.returncode == 2
-    assert "valid for MODEL=tiny: MODEL=tiny DATA=sample, DATA=mine" in p.stderr
+    # the shipped recipe, then your data built for this family; never another family's (the shipped
+    # dataset_info.json registers sample_smollm2 and sample_tiny_gemma), nor `sample` twice
+    listed = re.search(r"valid for MODEL=tiny: (.*?) \(your own data", p.stderr).group(1).split(", ")
+    assert listed[:2] == ["DATA=sample", "DATA=mine"] and len(set(listed)) == len(listed), p.stderr
+    assert not any("smollm2" in d or "gemma" in d for d in listed), p.stderr  # (mine_l2: another test's)
     assert "make data MODEL=tiny IN=file.jsonl NAME=mien" in p.stderr
+    p = ext(ws, "run", "sft", "--model", "smollm2", "--data", "mien", "--dry-run")
+    assert p.returncode == 2 and "valid for MODEL=smollm2: DATA=sample (your own data" in p.stderr, p.stderr
+    p = ext(ws, "run", "sft", "--model", "mistral", "--data", "mien", "--dry-run")
+    assert "valid for MODEL=mistral: DATA=15k, DATA=5k (your own data" in p.stderr, p.stderr  # not mine (tiny)
 
 
 def test_too_few_papers_for_the_test_size(ws):
@@ -191,6 +200,9 @@ def test_too_few_papers_for_the_test_size(ws):
             "--jq", "{input: .paper.text, output: .reviews[0]}")
     assert p.returncode == 2 and "--test-size 500 takes 500 papers" in p.stderr, p.stderr
     assert "TEST_SIZE= (papers held out" in p.stderr and "not set, it is 500)" in p.stderr
+    p = ext(ws, "data", "--model", "tiny", "--in", "mine.jsonl", "--name", "few", "--test-size", "lots")
+    assert p.returncode == 2 and "--test-size 'lots'" in p.stderr and "with make data: TEST_SIZE=" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_recipes_lists_model_by_data(ws):
@@ -394,3 +406,48 @@ def test_predict_papers_from_any_file_with_and_without_reviews(ws):
     assert doc["output"] == "" and len(doc["input"]) < len(rows[1]["input"])  # cut to the family's paper budget
     assert json.loads((ws / "dataset_info.json").read_text()).keys() >= {"mine_train"}  # the project's untouched
     assert "papers" not in json.loads((ws / "dataset_info.json").read_text())
+
+
+# ------------------------------------------------------------------------------ CPU threads
+def test_container_cpu_quota_in_whole_cores(tmp_path):
+    def v2(text: str) -> Path:
+        d = tmp_path / f"v2_{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / "cpu.max").write_text(text)
+        return d
+
+    assert launch.cgroup_cpus(v2("150000 100000\n")) == 2  # 1.5 cores -> 2 threads' worth
+    assert launch.cgroup_cpus(v2("100000 100000\n")) == 1
+    assert launch.cgroup_cpus(v2("max 100000\n")) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu/cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu/cpu.cfs_period_us").write_text("100000\n")
+    assert launch.cgroup_cpus(v1) == 4
+    (v1 / "cpu/cpu.cfs_quota_us").write_text("-1\n")
+    assert launch.cgroup_cpus(v1) is None
+    assert launch.cgroup_cpus(tmp_path / "none") is None
+
+    threads, why = launch.cpu_threads(0.1, cgroup_root=v2("100000 100000\n"))
+    assert threads == 1 and "1 usable core (container quota 1)" in why, why
+
+
+def test_cpu_threads_follow_the_affinity_mask_and_the_load():
+    """One thread per usable idle core: a process pinned to one core gets 1; with every core busy, 1."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from llamafactory_ext import launch; print(*launch.cpu_threads(0.1), sep='|')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    threads, why = out.stdout.strip().split("|")
+    assert threads == "1" and "of 1 cores busy; 1 usable core" in why, why
+
+    cores = len(os.sched_getaffinity(0))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        threads, why = launch.cpu_threads(0.5, cgroup_root="/nonexistent")
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
+    assert threads == 1 and f"{cores} usable core" in why, why

@@ -165,7 +165,7 @@ def test_dry_run_prints_final_arguments_without_loading_weights():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--model", "mistrall", "--data", "15k"], "valid values: gemma, mistral, smollm2, tiny, tiny_gemma"),
-    (["--model", "mistral", "--data", "15K"], "valid for MODEL=mistral: MODEL=mistral DATA=15k, MODEL=mistral DATA=5k"),
+    (["--model", "mistral", "--data", "15K"], "valid for MODEL=mistral: DATA=15k, DATA=5k"),
     (["--model", "mistral", "--data", "15k", "--rope", "ntk"], "valid values: linear, dynamic"),
 ])
 def test_typos_list_the_valid_values(argv, message):
