@@ -3,14 +3,17 @@
 #
 #   make data    MODEL=mistral IN=/path/to/paper_review.jsonl [NAME=mine] [CUTOFF=8192] [TEST_SIZE=500] [SIZES=5k,15k] [JQ='...']
 #   make sft     MODEL=mistral DATA=15k [RUN=name] [ROPE=linear|dynamic] [RESUME=auto|never|path] [NPROC=8] [DRY_RUN=1]
+#                [NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 [MASTER_PORT=29500]]
 #   make merge   MODEL=mistral DATA=15k
-#   make predict MODEL=mistral DATA=15k [TEMP=0.35 | TEMPS="0.35 0.5"] [PAPERS=file.jsonl] [BASE=1] [MAX_SAMPLES=N]
+#   make predict MODEL=mistral DATA=15k [TEMP=0.35 | TEMPS="0.35 0.5"] [PAPERS=file.jsonl [SHARDS=4 SHARD=0]] [BASE=1]
+#   make predict-merge MODEL=mistral DATA=15k PAPERS=file.jsonl SHARDS=4     (join the shards' reviews)
 #   make judge   MODEL=mistral DATA=15k JUDGE_URL=https://api.openai.com/v1 JUDGE_MODEL=gpt-4o [RETRY_INVALID=1]
-#   make review  MODEL=mistral DATA=15k PAPER=paper.pdf
-#   make recipes | make webui [PORT=6006] [HOST=127.0.0.1] | make doctor | make plan MODEL=gemma DATA=15k GPU=a40
-#   make calibrate (planner vs the peak memory your runs recorded)
+#   make review  PAPER=paper.pdf [MODEL=mistral DATA=15k]   (default: the newest trained run)
+#   make recipes | make webui [PORT=6006] [HOST=127.0.0.1] | make doctor [MODEL= DATA=] | make plan MODEL=gemma DATA=15k GPU=a40
+#   make calibrate (planner vs the peak memory your runs recorded) | make gpu-check (on a GPU box)
 #   make test-fast | make bench-data | make bench-quality | make lint | make clean
 # Without MODEL/DATA: MODEL=tiny DATA=sample (`make demo` uses MODEL=smollm2 DATA=sample).
+# This file only passes the variables on: `llamafactory-ext` resolves every path, name and default.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -27,31 +30,26 @@ STAMP  := $(VENV)/.installed
 # exported in your shell (TEMP names the temp folder on many systems) never picks a recipe silently.
 VARS := MODEL DATA RUN IN NAME CUTOFF PAPER_TOKENS TEST_SIZE SIZES JQ MODEL_PATH TEMPLATE ROPE RESUME DRY_RUN \
         NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT TEMP TEMPS TOP_P MAX_NEW_TOKENS MAX_SAMPLES PAPERS BASE \
-        DATASET BACKEND PAPER JUDGE_URL JUDGE_MODEL JUDGE_B RETRY_INVALID GPU GPU_MEM HOST PORT PYTEST_ARGS
+        DATASET BACKEND BATCH SHARDS SHARD PAPER JUDGE_URL JUDGE_MODEL JUDGE_B RETRY_INVALID GPU GPU_MEM HOST PORT \
+        OUT PYTEST_ARGS
 $(foreach v,$(VARS),$(eval export LFX_$(v) := $$(if $$(filter command line,$$(origin $(v))),$$(value $(v)))))
 unexport $(VARS)
 opt  = $(if $(LFX_$(1)),$(2) "$$LFX_$(1)")
 flag = $(if $(filter-out 0 false no off,$(LFX_$(1))),$(2))
 
 RUN_OPTS  = $(call opt,MODEL,--model) $(call opt,DATA,--data) $(call opt,RUN,--run) \
-            $(call opt,MODEL_PATH,--model-path) $(call opt,TEMPLATE,--template) $(call flag,DRY_RUN,--dry-run)
+            $(call opt,MODEL_PATH,--model-path) $(call opt,TEMPLATE,--template)
 DIST_OPTS = $(call opt,NPROC,--nproc) $(call opt,NNODES,--nnodes) $(call opt,NODE_RANK,--node-rank) \
             $(call opt,MASTER_ADDR,--master-addr) $(call opt,MASTER_PORT,--master-port)
-# the run folder, as the shell computes it: runs/<RUN> or runs/<MODEL>_<DATA>
-RUN_DIR   = runs/$${LFX_RUN:-$${LFX_MODEL:-tiny}_$${LFX_DATA:-sample}}
+PAPER_OPTS = $(call opt,PAPERS,--papers) $(call opt,SHARDS,--shards) $(call opt,SHARD,--shard)
 
-# The embedded defaults never touch a model hub: tiny and SmolLM2 are built locally. (The real
-# recipes name hub IDs; they download once unless you pass MODEL_PATH=/local/copy.)
-ifeq ($(filter-out tiny tiny_gemma smollm2,$(or $(LFX_MODEL),tiny)),)
-export HF_HUB_OFFLINE ?= 1
-endif
-demo test test-fast bench-quality: export HF_HUB_OFFLINE := 1
+test test-fast bench-quality: export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM ?= false
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-.PHONY: help install test test-fast demo data sft merge predict judge review recipes webui doctor plan calibrate \
-        bench-data bench-quality lint clean
+.PHONY: help install test test-fast demo data sft merge predict predict-merge judge review recipes webui doctor plan \
+        calibrate gpu-check bench-data bench-quality lint clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -60,82 +58,90 @@ help:
 install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@echo "installing the pinned set into $(VENV) (first time: ~2 min, ~6.6 GB)"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
 # ---- the main job on the embedded default: SmolLM2-135M-Instruct learns to review, on CPU ----
 demo: $(STAMP)
-	$(EXT) demo
+	@$(EXT) demo
 
 # ---- data / train / merge / predict: LLaMA-Factory's own entry points, resolved by llamafactory-ext ----
 data: $(STAMP)
-	$(EXT) data $(call opt,MODEL,--model) $(call opt,IN,--in) $(call opt,NAME,--name) $(call opt,CUTOFF,--cutoff) \
+	@$(EXT) data $(call opt,MODEL,--model) $(call opt,IN,--in) $(call opt,NAME,--name) $(call opt,CUTOFF,--cutoff) \
 	    $(call opt,PAPER_TOKENS,--paper-tokens) $(call opt,TEST_SIZE,--test-size) $(call opt,SIZES,--sizes) \
 	    $(call opt,JQ,--jq) $(call opt,MODEL_PATH,--model-path) $(call opt,TEMPLATE,--template)
 
 sft: $(STAMP)
-	$(EXT) run sft $(RUN_OPTS) $(call opt,ROPE,--rope) $(call opt,CUTOFF,--cutoff) $(call opt,RESUME,--resume) $(DIST_OPTS)
+	@$(EXT) run sft $(RUN_OPTS) $(call flag,DRY_RUN,--dry-run) $(call opt,ROPE,--rope) $(call opt,CUTOFF,--cutoff) \
+	    $(call opt,RESUME,--resume) $(DIST_OPTS)
 
 merge: $(STAMP)
-	$(EXT) run merge $(RUN_OPTS)
+	@$(EXT) run merge $(RUN_OPTS) $(call flag,DRY_RUN,--dry-run)
 
 predict: $(STAMP)
-	$(EXT) run predict $(RUN_OPTS) $(call opt,TEMP,--temp) $(call opt,TEMPS,--temps) $(call opt,TOP_P,--top-p) \
-	    $(call opt,MAX_NEW_TOKENS,--max-new-tokens) $(call opt,MAX_SAMPLES,--max-samples) \
-	    $(call opt,PAPERS,--papers) $(call opt,DATASET,--dataset) $(call opt,BACKEND,--backend) \
+	@$(EXT) run predict $(RUN_OPTS) $(call flag,DRY_RUN,--dry-run) $(call opt,TEMP,--temp) $(call opt,TEMPS,--temps) \
+	    $(call opt,TOP_P,--top-p) $(call opt,MAX_NEW_TOKENS,--max-new-tokens) $(call opt,MAX_SAMPLES,--max-samples) \
+	    $(call opt,BATCH,--batch-size) $(PAPER_OPTS) $(call opt,DATASET,--dataset) $(call opt,BACKEND,--backend) \
 	    $(call flag,BASE,--base)
 
+predict-merge: $(STAMP)
+	@$(EXT) predict-merge $(RUN_OPTS) $(PAPER_OPTS) $(call opt,TEMP,--temp) $(call flag,BASE,--base)
+
 recipes: $(STAMP)
-	$(EXT) recipes $(call opt,MODEL,--model)
+	@$(EXT) recipes $(call opt,MODEL,--model)
 
 # HOST/PORT count only when given on the make command line (see VARS above).
 webui: $(STAMP)
-	$(EXT) webui $(call opt,HOST,--host) $(call opt,PORT,--port)
+	@$(EXT) webui $(call opt,HOST,--host) $(call opt,PORT,--port)
 
 doctor: $(STAMP)
-	@recipe="sft_recipes/$${LFX_MODEL:-tiny}_$${LFX_DATA:-sample}.yaml"; \
-	if [ -f "$$recipe" ]; then $(EXT) doctor --recipe "$$recipe"; else $(EXT) doctor; fi
+	@$(EXT) doctor $(call opt,MODEL,--model) $(call opt,DATA,--data) $(call opt,RUN,--run)
 
 # exits 1 when the recipe does not fit (make says "Error 1"), 2 on a usage error
 plan: $(STAMP)
-	$(EXT) plan "sft_recipes/$${LFX_MODEL:-tiny}_$${LFX_DATA:-sample}.yaml" $(call opt,GPU,--gpu) $(call opt,GPU_MEM,--gpu-mem)
+	@$(EXT) plan $(RUN_OPTS) $(call opt,GPU,--gpu) $(call opt,GPU_MEM,--gpu-mem)
 
 # predicted vs recorded peak GPU memory of every run (runs/*/adapter/peak_memory.json)
 calibrate: $(STAMP)
-	$(EXT) plan --calibrate runs/*/
+	@$(EXT) plan --calibrate
+
+# what the shipped 7B recipes do on this machine's GPU (memory, speed, the planner's prediction); OUT=folder
+gpu-check: $(STAMP)
+	@$(EXT) gpu-check $(call opt,OUT,--out)
 
 # ---- evaluation ----
 # make judge JUDGE_URL=https://api.openai.com/v1 JUDGE_MODEL=gpt-4o  (key from OPENAI_API_KEY)
 #   B side: JUDGE_B=reviews.jsonl (default: GPT-4o's reviews of the sample papers); PAPERS=papers.jsonl
-#   (default: the papers that were predicted, runs/<run>/predict/papers.jsonl).
+#   (default: the papers that were predicted, runs/<run>/predict/papers.jsonl); TEMP= which temperature.
 judge: $(STAMP)
-	@test -n "$$LFX_JUDGE_URL" -a -n "$$LFX_JUDGE_MODEL" || { echo "error: make judge needs JUDGE_URL=... JUDGE_MODEL=..."; exit 2; }
-	$(EXT) judge --a "$(RUN_DIR)/predict/temp_$${LFX_TEMP:-0.35}/reviews.jsonl" $(call opt,JUDGE_B,--b) \
-	    --papers "$${LFX_PAPERS:-$(RUN_DIR)/predict/papers.jsonl}" --base-url "$$LFX_JUDGE_URL" \
-	    --model "$$LFX_JUDGE_MODEL" --out "$(RUN_DIR)/judge_temp_$${LFX_TEMP:-0.35}" $(call flag,RETRY_INVALID,--retry-invalid)
+	@$(EXT) judge $(call opt,MODEL,--family) $(call opt,DATA,--data) $(call opt,RUN,--run) $(call opt,TEMP,--temp) \
+	    $(call opt,JUDGE_B,--b) $(call opt,PAPERS,--papers) $(call opt,JUDGE_URL,--base-url) \
+	    $(call opt,JUDGE_MODEL,--model) $(call flag,RETRY_INVALID,--retry-invalid)
 
-# make review PAPER=paper.pdf  (with the run of MODEL x DATA: its merged model, else base + adapter)
+# make review PAPER=paper.pdf [MODEL=.. DATA=..]  (the run of MODEL x DATA, else the newest trained run)
 review: $(STAMP)
-	@test -n "$$LFX_PAPER" || { echo "error: make review needs PAPER=path/to/paper.pdf"; exit 2; }
-	$(EXT) review "$$LFX_PAPER" --model "$(RUN_DIR)"
+	@$(EXT) review $(if $(LFX_PAPER),"$$LFX_PAPER") $(call opt,MODEL,--family) $(call opt,DATA,--data) \
+	    $(call opt,RUN,--run)
 
 # ---- tests and benchmarks ----
+# two workers (pytest-xdist); tests that share a trained run are kept on one (conftest.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q $$LFX_PYTEST_ARGS
+	@$(BIN)/python -m pytest tests -q -n 2 $$LFX_PYTEST_ARGS
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -q -m "not slow" $$LFX_PYTEST_ARGS
+	@$(BIN)/python -m pytest tests -q -n 2 -m "not slow" $$LFX_PYTEST_ARGS
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
+	@$(BIN)/ruff check .
 
 bench-data: $(STAMP)
 	@command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq; }  # the seed's tool, to compare
-	$(BIN)/python tests/bench_data.py
+	@$(BIN)/python tests/bench_data.py
 
 bench-quality: $(STAMP)
-	$(BIN)/python tests/bench_quality.py
+	@$(BIN)/python tests/bench_quality.py
 
 clean:
 	rm -rf runs build data/build test-artifacts llamaboard_cache llamaboard_config saves

@@ -10,31 +10,23 @@ Steps, each the same command you can run by hand:
   4. merge the adapter into the base                             (`make merge MODEL=smollm2`)
   5. predict the held-out papers with the BASE model and the TUNED one (`make predict MODEL=smollm2 [BASE=1]`)
   6. one table (base row, tuned row), one PNG comparing them, one tuned review printed.
+It prints one line per stage with its time (a progress bar on a terminal); what LLaMA-Factory prints goes to
+`runs/<run>/logs/<stage>.log`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
 import time
 from pathlib import Path
 
-from llamafactory_ext import UserError, families
+from llamafactory_ext import UserError, families, units
 
 COMPARED = ("all_sections_%", "bleu-4", "rouge-1", "rouge-2", "rouge-l")
-
-
-def _launch(argv: list[str]) -> None:
-    from llamafactory_ext import launch
-
-    parser = argparse.ArgumentParser(prog="llamafactory-ext run")
-    launch.add_arguments(parser)
-    print(f"\n+ llamafactory-ext run {' '.join(argv)}", flush=True)
-    rc = launch.run(parser.parse_args(argv))
-    if rc:
-        raise UserError(f"`llamafactory-ext run {' '.join(argv)}` failed (exit {rc}); see its output above")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -80,6 +72,7 @@ def plot_comparison(rows: list[dict], out: Path, title: str) -> Path:
 def format_table(rows: list[dict]) -> str:
     cols = ["run", "n", *COMPARED, "words_mean"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
     def cell(row: dict, col: str) -> str:
         v = _num(row.get(col)) if col not in ("run", "n") else None
         return str(row.get(col, "")) if v is None or v != v else f"{v:.1f}"
@@ -88,49 +81,84 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class _Stages:
+    """One line per stage: its name and time; what a stage prints itself goes to its log."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.times = logs, {}
+
+    def quiet(self, name: str, argv: list[str], cwd: Path) -> None:
+        """`llamafactory-ext ARGV` in a child process, its output in logs/<name>.log."""
+        import subprocess
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name.replace(' ', '_')}.log"
+        t0 = time.monotonic()
+        with open(log, "w", encoding="utf-8") as f:
+            f.write(f"+ llamafactory-ext {' '.join(argv)}\n")
+            f.flush()
+            rc = subprocess.call([sys.executable, "-m", "llamafactory_ext.cli", *argv], cwd=cwd, stdout=f,
+                                 stderr=subprocess.STDOUT)
+        self.times[name] = time.monotonic() - t0
+        if rc:
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+            print(f"{name:<14} FAILED\n" + "\n".join(f"  | {ln}" for ln in tail), file=sys.stderr)
+            raise UserError(f"`llamafactory-ext {' '.join(argv)}` failed (exit {rc}); its log: {log}")
+        print(f"{name:<14} {self.times[name]:.0f} s", file=sys.stderr, flush=True)
+
+    def run(self, name: str, argv: list[str]) -> None:
+        """`llamafactory-ext run ...` with LLaMA-Factory's output in logs/<name>.log (launch prints the line)."""
+        from llamafactory_ext import cli
+
+        log = self.logs / f"{name.replace(' ', '_')}.log"
+        t0 = time.monotonic()
+        with contextlib.redirect_stdout(sys.stderr):  # our own lines (resuming..., merged model: ...) off stdout
+            rc = cli.dispatch(["run", *argv, "--log", str(log)])
+        self.times[name] = time.monotonic() - t0
+        if rc:
+            raise UserError(f"`llamafactory-ext run {' '.join(argv)}` failed (exit {rc}); its log: {log}")
+
+
 def demo(model: str = "smollm2", temp: float | None = None) -> dict:
-    from llamafactory_ext.prepare import prepare
+    from llamafactory_ext import project
+    from llamafactory_ext.train import resolve
 
     fam = families.get(model)
-    data = "sample"
-    rdir = Path("runs") / f"{fam.name}_{data}"
-    t = temp if temp is not None else fam.temps[0]
-    times = {}
+    proj = project.get()
+    r = resolve.resolve(fam.name, "sample", project=proj)
+    t = units.temperature(temp if temp is not None else r.temperature)
     start = time.monotonic()
+    st = _Stages(r.dir / "logs")
+    print(f"demo: {fam.name} learns to review papers on this machine (logs in {proj.rel(st.logs)}/)", file=sys.stderr)
+    if fam.local:
+        st.quiet("model", [fam.builder[0]] + (["--arch", fam.builder[1]] if fam.builder[0] == "tiny" else []),
+                 proj.root)
+    st.quiet("data", ["data", "--model", fam.name], proj.root)
+    common = ["--model", fam.name, "--data", "sample"]
+    st.run("sft", ["sft", *common, "--resume", "never"])
+    st.run("merge", ["merge", *common])
+    st.run("predict base", ["predict", *common, "--base", "--temp", str(t), "--quiet"])
+    st.run("predict tuned", ["predict", *common, "--temp", str(t), "--quiet"])
+    times = dict(st.times, total=time.monotonic() - start)
 
-    def stage(name: str, fn, *a, **kw):
-        t0 = time.monotonic()
-        out = fn(*a, **kw)
-        times[name] = time.monotonic() - t0
-        print(f"[demo] {name}: {times[name]:.0f} s", file=sys.stderr, flush=True)
-        return out
-
-    stage("model", families.ensure_model, fam)
-    stage("data", prepare, fam.name)
-    common = ["--model", fam.name, "--data", data]
-    stage("sft", _launch, ["sft", *common, "--resume", "never"])
-    stage("merge", _launch, ["merge", *common])
-    stage("predict base", _launch, ["predict", *common, "--base", "--temp", str(t)])
-    stage("predict tuned", _launch, ["predict", *common, "--temp", str(t)])
-    times["total"] = time.monotonic() - start
-
-    pred = rdir / "predict"
-    wanted = {f"base_temp_{t:g}": "base", f"temp_{t:g}": "tuned"}
-    rows = [dict(r, run=f"{wanted[r['run']]} ({r['run']})") for r in read_metrics(pred / "metrics.csv")
-            if r["run"] in wanted]
+    pred = r.predict_root
+    wanted = {units.temp_dir(t, base=True): "base", units.temp_dir(t): "tuned"}
+    rows = [dict(row, run=f"{wanted[row['run']]} ({row['run']})") for row in read_metrics(pred / "metrics.csv")
+            if row["run"] in wanted]
     png = plot_comparison(rows, pred / "base_vs_tuned.png",
                           f"{fam.name}: base vs tuned on {rows[0]['n']} held-out papers (T={t:g})")
-    reviews = [json.loads(x) for x in (pred / f"temp_{t:g}" / "reviews.jsonl").open(encoding="utf-8")]
-    example = next((r for r in reviews if r.get("has_all_sections")), reviews[0])
-    md = pred / f"temp_{t:g}" / "md"
+    tuned = r.predict_dir(t)
+    reviews = [json.loads(x) for x in (tuned / "reviews.jsonl").open(encoding="utf-8")]
+    example = next((x for x in reviews if x.get("has_all_sections")), reviews[0])
     print(f"\n=== one tuned review ({example['paper_id']}) ===\n{example['review'].strip()}\n")
     print(format_table(rows))
-    print(f"\ndemo finished in {times['total']:.0f} s "
-          f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items() if k != 'total')})")
-    for what, path in (("adapter + loss plot", rdir / "adapter"), ("merged model", rdir / "merged"),
-                       ("reviews (Markdown)", md), ("metrics", pred / "metrics.csv"), ("comparison plot", png)):
-        print(f"  {what + ':':<22}{path}")
-    if fam.local and fam.builder == ("tiny", fam.template):
+    # the stage lines above give each stage's own time; this total also counts loading, metrics and plots
+    print(f"\ndemo finished in {times['total']:.0f} s")
+    for what, path in (("comparison plot", png), ("metrics", pred / "metrics.csv"),
+                       ("reviews (Markdown)", tuned / "md"), ("adapter + loss plot", r.adapter),
+                       ("merged model", r.merged), ("logs", st.logs)):
+        print(f"  {what + ':':<22}{proj.rel(path)}")
+    if fam.builder == ("tiny", fam.template):
         print("  (a tiny random model: its reviews are noise; the pipeline is the point)")
     return {"rows": rows, "times": times, "png": png, "example": example}
 

@@ -192,3 +192,29 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[tuple[int, d
                 raise UserError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
             rows.append((i, row))
     return rows
+
+
+def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> dict:
+    """A YAML mapping (LLaMA-Factory arguments, a recipe, a run's sft_args.yaml): {} for an empty file, a one-line
+    UserError naming the file for a missing one, a syntax error or anything but a mapping. The only YAML reader."""
+    import yaml
+
+    from llamafactory_ext import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found" if not path.exists() else f"{what} {path} is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not readable YAML ({' '.join(str(e).split())})") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a mapping of LLaMA-Factory arguments, got {type(doc).__name__}")
+    return doc or {}
+
+
+def dump_yaml(args: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(args, sort_keys=False, allow_unicode=True)

@@ -23,12 +23,10 @@ RoPE scaling (`rope_scaling: linear|dynamic|yarn|llama3`) is broken with transfo
 length) for training, 2.0 for inference; the same log lines) and writes a complete, valid
 `rope_parameters` dict with the model's own `rope_theta`.
 
-5. Not a bug, a measurement: `_training_function` (every LLaMA-Factory training entry) gets a
-   `TrainerCallback` that writes the process's peak GPU memory to `<output_dir>/peak_memory.json` at
-   every checkpoint save and at the end of training (torch.cuda.max_memory_allocated/reserved, the
-   device, the step, the longest sequence, the run's arguments and model config). On CPU it records the
-   process's max RSS, labelled as such, and no GPU figures. `llamafactory-ext plan --calibrate runs/*/`
-   compares these with the planner.
+5. Not a bug, measurements and a check: `_training_function` (every LLaMA-Factory training entry) gets
+   the callbacks of train/callbacks.py: the peak-memory and speed recorders (`<output_dir>/peak_memory.json`,
+   `speed.json`; `llamafactory-ext plan --calibrate runs/*/` compares them with the planner) and, in a
+   distributed run started by `run sft`, the check that every rank trains rank 0's data and arguments.
 
 How the fixes reach every entry path: `llamafactory_ext_autopatch.pth` (installed into the venv's
 site-packages with this package) imports `llamafactory_ext._autopatch` at every interpreter start, which
@@ -56,7 +54,6 @@ PATCHER_MODULE = "llamafactory.model.patcher"
 HF_ROPE_MODULE = "transformers.modeling_rope_utils"
 TUNER_MODULE = "llamafactory.train.tuner"
 PTH_NAME = "llamafactory_ext_autopatch.pth"  # pyproject.toml installs llamafactory_ext/_autopatch.pth as this
-RECORD = "peak_memory.json"
 
 # The releases the fixes were written against (pyproject.toml pins the same; tests/test_rope.py checks).
 PINS = {"llamafactory": "0.9.5", "transformers": "5.6.0"}
@@ -158,124 +155,108 @@ def _fix_dynamic_rope_update(original):
     return fixed_dynamic_rope_update
 
 
-# ----------------------------------------------------------------------------- the peak-memory recorder
-def _longest_sequence(dataloader) -> int | None:
-    """Longest tokenized example of an HF `datasets` training set, from the Arrow column (no Python lists)."""
-    try:
-        import pyarrow.compute as pc
-
-        column = dataloader.dataset.data.column("input_ids")
-        return int(pc.max(pc.list_value_length(column)).as_py())
-    except Exception:
-        return None
-
-
-MODEL_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "head_dim", "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings",
-                     "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-
-@functools.cache
-def _recorder_class():
-    from transformers import TrainerCallback
-
-    class PeakMemoryRecorder(TrainerCallback):
-        """Writes <output_dir>/peak_memory.json at every save and at the end of training (rank 0)."""
-
-        def __init__(self, run_args):
-            self.run_args = run_args if isinstance(run_args, dict) else list(run_args or [])
-            self.longest = None
-            self.model_config = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.longest = _longest_sequence(kwargs.get("train_dataloader"))
-            try:
-                cfg = kwargs["model"].config.to_dict()
-                cfg = cfg.get("text_config") or cfg
-                self.model_config = {k: cfg[k] for k in MODEL_CONFIG_KEYS if cfg.get(k) is not None}
-            except Exception:
-                self.model_config = None
-
-        def on_save(self, args, state, control, **kwargs):
-            self.write(args, state, "save")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.write(args, state, "train_end")
-
-        def write(self, args, state, event: str) -> None:
-            if not state.is_world_process_zero:
-                return
-            try:
-                import json
-
-                from llamafactory_ext import fileio
-
-                rec = peak_memory_record(args, state.global_step, event)
-                ds = getattr(args, "hf_deepspeed_config", None)
-                rec.update(longest_sequence=self.longest, model_config=self.model_config,
-                           deepspeed_config=getattr(ds, "config", None), args=self.run_args)
-                fileio.atomic_write_text(Path(args.output_dir) / RECORD, json.dumps(rec, indent=1, default=str) + "\n")
-            except Exception as e:  # a measurement must never stop a training run
-                print(f"llamafactory_ext: could not write {RECORD}: {e}", file=sys.stderr)
-
-    return PeakMemoryRecorder
-
-
-def peak_memory_record(args, step: int, event: str) -> dict:
-    """This process's peak memory: GPU figures from PyTorch's allocator on CUDA, else none (host RSS always)."""
-    import resource
-
-    import torch
-
-    device = getattr(args, "device", None)
-    cuda = bool(torch.cuda.is_available() and getattr(device, "type", None) == "cuda")
-    gib = 1024**3
-    rec = {"what": "peak memory of this training process, written by llamafactory_ext.patches",
-           "event": event, "step": step, "cuda": cuda, "device": "cpu", "world_size": getattr(args, "world_size", 1),
-           "per_device_train_batch_size": getattr(args, "per_device_train_batch_size", None),
-           "max_memory_allocated_gib": None, "max_memory_reserved_gib": None, "total_memory_gib": None,
-           # host RAM of this process (Linux ru_maxrss is in KiB): NOT GPU memory
-           "cpu_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib, 3)}
-    if cuda:
-        rec.update(device=torch.cuda.get_device_name(device),
-                   max_memory_allocated_gib=round(torch.cuda.max_memory_allocated(device) / gib, 3),
-                   max_memory_reserved_gib=round(torch.cuda.max_memory_reserved(device) / gib, 3),
-                   total_memory_gib=round(torch.cuda.get_device_properties(device).total_memory / gib, 3))
-    return rec
-
-
+# ----------------------------------------------------------------------------- the recorders (train/callbacks.py)
 def _with_peak_memory(original):
     if getattr(original, "_llamafactory_ext_fixed", False):
         return original
 
     @functools.wraps(original)
     def _training_function(config):
+        if os.environ.get("LLAMAFACTORY_EXT_CHECK_VALUES") == "1":  # train/parsecheck.py IN_PROCESS
+            from llamafactory_ext.train import parsecheck
+
+            parsecheck.refuse_bad_values(config.get("args"))
         callbacks = config.get("callbacks")
         if isinstance(callbacks, list):
-            callbacks.append(_recorder_class()(config.get("args")))
+            from llamafactory_ext.train import callbacks as ours
+
+            callbacks.extend(ours.for_training(config))
         return original(config)
 
     _training_function._llamafactory_ext_fixed = True
     return _training_function
 
 
+# ----------------------------------------------------------------------------- LlamaBoard (the WebUI)
+# What serve/llamaboard.py replaces in llamafactory.webui 0.9.5 (module, function -> sha256 of its source there),
+# and interface.create_ui, which serve/webui.py mirrors with one more tab. The same guard as above: pinned
+# versions and matching sources, else the WebUI refuses to start (it would wire the wrong code).
+WEBUI_FINGERPRINTS = {
+    ("common", "get_save_dir"): "c226c56a48ccf3b3c8f32b2631d7832df0cf17e842f906748164b88850c4c8e3",
+    ("common", "load_args"): "13b083b17704fa4b19f11045f51c59dc46150867ad3a6776b357b88c02dd107d",
+    ("common", "save_cmd"): "56bf1f41da306a23aef911bfdd4432159cc71956642cd3cb4598c1369a022dc2",
+    ("common", "_clean_cmd"): "97f0ab7c69b5f318b0b96d3ce2a5db6656540c21a020362571889b4662a72405",
+    ("control", "get_model_info"): "d575b726aa588f5d204f836f41b3b8397480b27a5d2e1f1fc65f4ff21691e803",
+    ("control", "list_checkpoints"): "769c0d392fe91861cece7afd7134d531c4c5bf78047af36cde437456b9404f2b",
+    ("control", "list_config_paths"): "31a3597f9738760cad9f48f362bdb6c2785c68114b4239bdce9f1f553a1f84b4",
+    ("control", "list_datasets"): "950d1a19a3a9a65e88416bc863ad9034cc960ff5c76b772d39eee109b5ab974c",
+    ("control", "list_output_dirs"): "8e0f218eaa5bfd25155e4bf9fe1105cdeea5a7981ac599f4da232af204a66482",
+    ("runner", "Runner._parse_eval_args"): "0c2ab267d60a3d1eb6cb819faa4f9dbbbdadb1c06eb3cbe0de72054e223ed1ed",
+    ("interface", "create_ui"): "d994b188d9acfa5183014da560f0f168764c0429bcce95c74e1d26f0bb81a572",
+}
+WEBUI = "llamafactory.webui"
+
+
+def webui_guard() -> str | None:
+    """None when every LlamaBoard function the WebUI replaces or mirrors is the pinned release's; else why not."""
+    reason = versions_reason()
+    if reason:
+        return reason
+    for (mod, func), digest in WEBUI_FINGERPRINTS.items():
+        path = module_file(f"{WEBUI}.{mod}")
+        if fingerprint(path, func) != digest:
+            return f"{WEBUI}.{mod}.{func} is not the code the WebUI wiring was written for (fingerprint mismatch in {path})"
+    return None
+
+
+def replace(site, name: str, new, *, defined_in) -> None:
+    """Set `site.name = new`, where `site.name` is the function `defined_in.name` (its own module, or a module
+    that imported it by name) and that function is fingerprinted above. Anything else is a RuntimeError: a
+    replacement lands only on the code it was written for (call webui_guard() first for a one-line reason)."""
+    *owner, attr = name.split(".")
+
+    def resolve(module):
+        obj = module
+        for part in owner:  # Class.method: the class
+            obj = getattr(obj, part, None)
+        return obj, getattr(obj, attr, None)
+
+    _, original = resolve(defined_in)
+    holder, here = resolve(site)
+    key = (defined_in.__name__.removeprefix(WEBUI + "."), name)
+    if key not in WEBUI_FINGERPRINTS or original is None or here is not original:
+        raise RuntimeError(f"{site.__name__}.{name} is not the fingerprinted {defined_in.__name__}.{name}")
+    setattr(holder, attr, new)
+
+
 # ----------------------------------------------------------------------------- guard
 def fingerprint(path: str | Path, name: str) -> str | None:
-    """sha256 of the text of the top-level `def name` in a source file (up to the next top-level statement),
-    or None when the file or the function is missing. Reads text only: nothing is imported."""
+    """sha256 of the text of `def name` in a source file: a top-level function, or `Class.method` (up to the next
+    statement at that level), or None when the file or the function is missing. Reads text only: nothing is
+    imported."""
     import hashlib
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
-    start = next((i for i, line in enumerate(lines) if line.startswith(f"def {name}(")), None)
-    if start is None:
+    indent, start, end = "", 0, len(lines)
+    *outer, func = name.split(".")
+    for cls in outer:  # narrow to the class body
+        top = next((i for i in range(start, end) if lines[i].startswith(f"{indent}class {cls}")
+                    and lines[i][len(indent) + 6 + len(cls):][:1] in ("(", ":")), None)
+        if top is None:
+            return None
+        start, indent = top + 1, indent + "    "
+    begin = next((i for i in range(start, end) if lines[i].startswith(f"{indent}def {func}(")), None)
+    if begin is None:
         return None
-    end = start + 1
-    while end < len(lines) and (not lines[end].strip() or lines[end][0].isspace() or lines[end].startswith(")")):
-        end += 1
-    text = "\n".join(lines[start:end]).rstrip()
+    stop = begin + 1
+    deeper = indent + " "
+    while stop < end and (not lines[stop].strip() or lines[stop].startswith(deeper)
+                          or lines[stop].startswith(indent + ")")):
+        stop += 1
+    text = "\n".join(lines[begin:stop]).rstrip()
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -386,7 +367,7 @@ class _PatchingLoader:
 
     def exec_module(self, module):
         self.inner.exec_module(module)
-        _patch(module)  # before the modules that copy these names (patcher.py, modeling_<model>.py) import them
+        _patch(module)  # before the modules that copy these names (llamafactory/model/patcher.py, modeling_<model>.py) import them
 
 
 def patched_spec(fullname: str, path=None, target=None):

@@ -247,7 +247,7 @@ def bench_convert(args, work: Path, clean: Path, n_clean: int) -> bool:
 # The floor for truncate: each record's texts tokenized once, one tokenizer call per text, nothing else.
 FLOOR = """
 import sys, orjson
-from llamafactory_ext.truncate import load_tokenizer
+from llamafactory_ext.data.truncate import load_tokenizer
 tok = load_tokenizer(sys.argv[1])
 n = 0
 with open(sys.argv[2], "rb") as f:
@@ -262,12 +262,12 @@ BUDGET = 12288
 
 def tokenizers() -> list[tuple[str, Path | None, str, str]]:
     """(name, model folder or None, LLaMA-Factory template, why it is missing)."""
-    from llamafactory_ext import tiny
+    from llamafactory_ext.models import tiny
 
     rows = [("tiny Mistral (byte-level BPE, 2K vocabulary)", tiny.build("mistral", ROOT / "build" / "tiny" / "mistral"),
              "mistral", "")]
     try:
-        from llamafactory_ext import smollm2
+        from llamafactory_ext.models import smollm2
     except ImportError:
         return [*rows, ("SmolLM2-135M-Instruct", None, "smollm2", "llamafactory_ext.smollm2 is not there yet")]
     folder = ROOT / smollm2.DEFAULT_OUT
@@ -291,7 +291,7 @@ def check_identical(model: Path, template: str, src: Path, work: Path) -> str:
     sys.path.insert(0, str(ROOT / "tests"))
     import truncate_reference
 
-    from llamafactory_ext.truncate import load_template, load_tokenizer, truncate
+    from llamafactory_ext.data.truncate import load_template, load_tokenizer, truncate
 
     out = work / "check.jsonl"
     truncate(src, out, tokenizer=str(model), template=template, max_tokens=BUDGET, plot=False)
@@ -312,7 +312,7 @@ def truncate_commands(model: Path, template: str, src: Path, out: Path) -> dict[
 
 
 def bench_truncate(args, work: Path, clean: Path, n_clean: int) -> bool:
-    from llamafactory_ext.convert import convert
+    from llamafactory_ext.data.convert import convert
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as `make` sets it: the threads are truncate's own
     os.environ["HF_HUB_OFFLINE"] = "1"

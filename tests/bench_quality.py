@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(ROOT))
     from llamafactory_ext import families
+    from llamafactory_ext.data.prepare import prepare
     from llamafactory_ext.demo import _launch, format_table, plot_comparison, read_metrics
-    from llamafactory_ext.prepare import prepare
 
     fam = families.get(args.model)
     ws = workspace(Path(args.out))

@@ -48,7 +48,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from llamafactory_ext import smollm2
+    from llamafactory_ext.models import smollm2
 
     smollm2.ensure(Path(args.model))
     torch.manual_seed(0)

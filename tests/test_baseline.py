@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from llamafactory_ext.baseline import convert, main, render_gpt4o
+from llamafactory_ext.cli import main
+from llamafactory_ext.eval.baseline import convert, render_gpt4o
 
 SHARED = ROOT.parent / "shared" / "data" / "iclr2022"
 
@@ -31,7 +32,7 @@ def test_sample_slice_renders_exactly():
 
 def test_committed_gpt4o_reviews_is_up_to_date(tmp_path):
     out = tmp_path / "g.jsonl"
-    assert main([str(ROOT / "data/sample/gpt4o_reviews_raw.jsonl"), str(out)]) == 0
+    assert main(["baseline", str(ROOT / "data/sample/gpt4o_reviews_raw.jsonl"), str(out)]) == 0
     assert out.read_bytes() == (ROOT / "data/sample/gpt4o_reviews.jsonl").read_bytes()
     assert set(_rows(out)[0]) == {"paper_id", "review"}
 
@@ -45,7 +46,7 @@ def test_bad_input_is_reported(tmp_path, capsys):
     raw = tmp_path / "raw.jsonl"
     raw.write_text('{"paper_id": "x", "summary": "s", "strengths": "not a list", "weaknesses": [], '
                    '"questions": [], "limitations": []}\n')
-    assert main([str(raw), str(tmp_path / "o.jsonl")]) == 2
+    assert main(["baseline", str(raw), str(tmp_path / "o.jsonl")]) == 2
     assert "raw.jsonl:1: field 'strengths' must be a list of strings" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
     with pytest.raises(Exception, match="no such file"):

@@ -18,7 +18,7 @@ from conftest import cli_env
 
 from llamafactory_ext import REVIEWER_INSTRUCTION
 from llamafactory_ext.cli import main
-from llamafactory_ext.convert import convert
+from llamafactory_ext.data.convert import convert
 
 
 def write_lines(path: Path, lines: list[bytes | str | dict]) -> Path:

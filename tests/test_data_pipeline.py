@@ -54,7 +54,7 @@ def test_files_and_registration(pipeline, sample_jsonl):
 def test_llamafactory_loads_without_cutting(pipeline, tiny_models, tmp_path):
     from llamafactory.train.test_utils import load_dataset_module
 
-    from llamafactory_ext.truncate import load_template, load_tokenizer
+    from llamafactory_ext.data.truncate import load_template, load_tokenizer
 
     work = pipeline
     module = load_dataset_module(

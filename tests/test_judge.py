@@ -1,9 +1,9 @@
 """judge: verdict parsing, the position-swap rule, statistics, retries, the crash-safe cache, real servers.
 
-Two real HTTP servers on 127.0.0.1: a stdlib one speaking the OpenAI chat-completions JSON with
-crafted answers and crafted faults (429/5xx with Retry-After, malformed HTTP 200s, no choices, empty
-content), and `llamafactory-cli api` serving the tiny model. No mock of the openai client: its own
-retries run; the crafted failures carry `retry-after-ms: 1`, so they are retried at once.
+A real HTTP server on 127.0.0.1, a stdlib one speaking the OpenAI chat-completions JSON with crafted answers
+and crafted faults (429/5xx with Retry-After, malformed HTTP 200s, no choices, empty content). No mock of the
+openai client: its own retries run; the crafted failures carry `retry-after-ms: 1`, so they are retried at once.
+`llamafactory-cli api` serving the tiny model is judged by the README walkthrough (test_walkthrough.py).
 """
 
 from __future__ import annotations
@@ -16,17 +16,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ROOT, cli_env
+from conftest import cli_env
 
 from llamafactory_ext import UserError, cli
-from llamafactory_ext.judge import figure, judge
-from llamafactory_ext.judging import combine, parse_verdict, sign_test, summarize, wilson
+from llamafactory_ext.eval.judge import figure, judge
+from llamafactory_ext.eval.judging import combine, parse_verdict, sign_test, summarize, wilson
 
 VENV_BIN = Path(sys.executable).parent
 SECRET = "sk-test-secret-0123456789"
@@ -510,69 +508,7 @@ def test_killed_run_resumes_with_only_the_rest(files, server, capsys, monkeypatc
     _check_scenario(json.loads((out / "summary.json").read_text()), out)
 
 
-# ----------------------------------------------------------------------------- (c) llamafactory-cli api
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_against_llamafactory_api_serving_the_tiny_model(tmp_path, tiny_models, sample_jsonl):
-    port = _free_port()
-    cfg = tmp_path / "api.yaml"
-    cfg.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_models["mistral"]), "template": "mistral",
-                                   "infer_backend": "huggingface"}))
-    log = (tmp_path / "api.log").open("w")
-    proc = subprocess.Popen([str(VENV_BIN / "llamafactory-cli"), "api", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env=cli_env(API_PORT=str(port), API_HOST="127.0.0.1", API_VERBOSE="0"))
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, (tmp_path / "api.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "llamafactory-cli api did not come up"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-
-        rows = [json.loads(x) for x in sample_jsonl.read_text(encoding="utf-8").split("\n") if x.strip()][:3]
-        a = _jsonl(tmp_path / "a.jsonl", [{"paper_id": r["paper_id"], "review": r["output"][:400]} for r in rows])
-        out = tmp_path / "judge"
-        kw = dict(api_key="unused", concurrency=2, max_paper_chars=300, max_tokens=8)
-        s = judge(a, ROOT / "data/sample/gpt4o_reviews.jsonl", sample_jsonl, f"http://127.0.0.1:{port}/v1",
-                  "tiny", out, **kw)
-        # The tiny model is a 64-wide random network: 8 tokens of it never end in a line "Verdict: A|B|tie",
-        # so every answer is invalid, never guessed, and none is cached.
-        assert s["n"] == 3 and s["counts"] == {"win": 0, "tie": 0, "loss": 0, "invalid": 3}
-        assert s["win_rate"]["value"] is None and s["win_rate"]["valid"] == 0
-        assert s["calls"] == {"total": 6, "asked_now": 6, "from_cache": 0, "invalid_reused": 0, "invalid_answers": 6}
-        verdicts = [json.loads(x) for x in (out / "verdicts.jsonl").read_text().splitlines()]
-        assert [v["paper_id"] for v in verdicts] == [r["paper_id"] for r in rows]
-        for v in verdicts:
-            assert v["outcome"] == "invalid" and v["verdict_a_first"] is None and v["verdict_b_first"] is None
-            for side in ("a_first", "b_first"):
-                assert isinstance(v[f"answer_{side}"], str)
-                assert v[f"invalid_reason_{side}"] in ("no 'Verdict: A|B|tie' on the last line",
-                                                       "empty content (finish_reason 'length')",
-                                                       "empty content (finish_reason 'stop')")
-        assert (out / "cache.jsonl").read_text() == "" and len((out / "invalid.jsonl").read_text().splitlines()) == 6
-        again = judge(a, ROOT / "data/sample/gpt4o_reviews.jsonl", sample_jsonl, f"http://127.0.0.1:{port}/v1",
-                      "tiny", out, **kw)
-        assert again["calls"]["asked_now"] == 0 and again["calls"]["invalid_reused"] == 6
-        assert again["counts"] == s["counts"]
-        retried = judge(a, ROOT / "data/sample/gpt4o_reviews.jsonl", sample_jsonl, f"http://127.0.0.1:{port}/v1",
-                        "tiny", out, retry_invalid=True, **kw)
-        assert retried["calls"]["asked_now"] == 6 and retried["counts"] == s["counts"]
-    finally:
-        import os
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()

@@ -3,7 +3,7 @@ resumed on other data, IN= ignored, predict on somebody else's test split, gener
 shell injection through make variables, broken checkpoints, a DeepSpeed dry run that compiles C++.
 
 Everything runs in a project-shaped folder with the sample built by `llamafactory-ext data` (real manifests,
-real tokenizers); the resume decisions are checked on real folders, through `launch.decide_resume`.
+real tokenizers); the resume decisions are checked on real folders, through `sft.decide_resume`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env
 
-from llamafactory_ext import UserError, launch, recipes, runs
+from llamafactory_ext import UserError, families
+from llamafactory_ext.data import checks
+from llamafactory_ext.project import Project
+from llamafactory_ext.train import launcher, recipes, resolve, runs, sft
 
 
 def ext(ws: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -54,20 +57,16 @@ def ws(tiny_models, tmp_path_factory) -> Path:
     return ws
 
 
-def sft_args(ws: Path, *overrides: str, **flags) -> tuple[dict, Path]:
-    """The launcher's own argument resolution, in-process, inside `ws`."""
-    import argparse
+def sft_run(ws: Path, *overrides: str, **flags) -> resolve.Run:
+    """The run `run sft` resolves, in-process, inside `ws`."""
+    kw = {"model_path": flags.pop("model_path", None), "template": flags.pop("template", None)}
+    return in_ws(ws, resolve.resolve, flags.pop("model", "tiny"), flags.pop("data", "sample"), flags.pop("run", None),
+                 overrides=resolve.parse_overrides(list(overrides), "run sft"), **kw)
 
-    parser = argparse.ArgumentParser()
-    launch.add_arguments(parser)
-    argv = ["sft"] + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + list(overrides)
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        args, rdir, _ = launch.sft_args(parser.parse_args(argv))
-    finally:
-        os.chdir(cwd)
-    return args, rdir
+
+def sft_args(ws: Path, *overrides: str, **flags) -> tuple[dict, resolve.Run]:
+    r = sft_run(ws, *overrides, **flags)
+    return dict(r.args), r
 
 
 def in_ws(ws: Path, fn, *a, **kw):
@@ -109,13 +108,14 @@ def test_cutoff_below_the_data_budget_is_refused(ws, override):
 
 def test_other_template_or_tokenizer_is_refused(ws):
     args, _ = sft_args(ws, "template=gemma")
-    problems = in_ws(ws, launch.data_problems, args, launch.families.get("tiny"))
+    proj = Project(ws)
+    problems = checks.problems(args, families.get("tiny"), proj)
     assert any("cut for template 'mistral', this run uses 'gemma'" in p for p in problems), problems
     args, _ = sft_args(ws, model_path="build/tiny/gemma")  # same template, another tokenizer
-    problems = in_ws(ws, launch.data_problems, args, launch.families.get("tiny"))
+    problems = checks.problems(args, families.get("tiny"), proj)
     assert any("differs from build/tiny/gemma's" in p for p in problems), problems
     args, _ = sft_args(ws)
-    assert in_ws(ws, launch.data_problems, args, launch.families.get("tiny")) == []
+    assert checks.problems(args, families.get("tiny"), proj) == []
 
 
 def test_another_template_end_to_end_through_make_data(ws):
@@ -161,7 +161,7 @@ def test_own_data_trains_with_the_family_base_recipe(ws):
     before = sorted((ws / "runs").rglob("*"))  # other tests of this module leave runs of their own
     p = ext(ws, "run", "sft", "--model", "tiny", "--data", "mine", "--dry-run")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "resolved from sft_recipes/tiny_sample.yaml with dataset mine_train" in p.stdout
+    assert "resolved: sft_recipes/tiny_sample.yaml with dataset mine_train -> runs/tiny_mine" in p.stdout
     assert "dataset: mine_train" in p.stdout and "output_dir: runs/tiny_mine/adapter" in p.stdout
     assert sorted((ws / "runs").rglob("*")) == before  # a dry run writes nothing
 
@@ -215,27 +215,27 @@ def test_recipes_lists_model_by_data(ws):
 
 
 # ------------------------------------------------------------------------------ run identity (issue 11.4)
-def fake_started_run(ws: Path, args: dict, rdir: Path, steps=(2,)) -> None:
+def fake_started_run(ws: Path, args: dict, r: resolve.Run, steps=(2,)) -> None:
     """What a started run leaves: run.json as the launcher writes it, and checkpoint folders."""
-    in_ws(ws, runs.write_identity, ws / rdir, in_ws(ws, runs.identity, args))
+    runs.write_identity(r.dir, runs.identity(args, r.dataset_dir))
     for s in steps:
-        ck = ws / rdir / "adapter" / f"checkpoint-{s}"
+        ck = r.dir / "adapter" / f"checkpoint-{s}"
         ck.mkdir(parents=True)
         (ck / "trainer_state.json").write_text(json.dumps({"global_step": s}))
 
 
 def test_resume_only_continues_the_same_run(ws, tmp_path):
-    args, rdir = sft_args(ws, run="ident")
-    fake_started_run(ws, args, rdir)
+    args, r = sft_args(ws, run="ident")
+    fake_started_run(ws, args, r)
     try:
         same, _ = sft_args(ws, run="ident")
-        said = in_ws(ws, launch.decide_resume, same, rdir, "auto", dry_run=True)
+        said = sft.decide_resume(r, same, "auto", dry_run=True)
         assert same["resume_from_checkpoint"].endswith("checkpoint-2"), said
         for change, what in (("dataset=mine_train", "dataset: sample_train -> mine_train"),
                              ("lora_rank=8", "lora_rank: 16 -> 8"), ("cutoff_len=2048", "cutoff_len: 1024 -> 2048")):
             other, _ = sft_args(ws, change, run="ident")
             with pytest.raises(UserError) as e:
-                in_ws(ws, launch.decide_resume, other, rdir, "auto", dry_run=True)
+                sft.decide_resume(r, other, "auto", dry_run=True)
             assert what in str(e.value) and "RESUME=never" in str(e.value) and "RUN=<name>" in str(e.value)
         # the same name, other content: the data file changed under the run
         data = ws / "data/build/sample/train.jsonl"
@@ -243,21 +243,21 @@ def test_resume_only_continues_the_same_run(ws, tmp_path):
         try:
             data.write_bytes(saved + saved.splitlines(keepends=True)[0])
             with pytest.raises(UserError, match="dataset sample_train: file content changed"):
-                in_ws(ws, launch.decide_resume, sft_args(ws, run="ident")[0], rdir, "auto", dry_run=True)
+                sft.decide_resume(r, sft_args(ws, run="ident")[0], "auto", dry_run=True)
         finally:
             data.write_bytes(saved)
     finally:
-        shutil.rmtree(ws / rdir)
+        shutil.rmtree(r.dir)
 
 
 def test_the_cli_refuses_a_changed_run_with_exit_2(ws):
-    args, rdir = sft_args(ws)
-    fake_started_run(ws, args, rdir)
+    args, r = sft_args(ws)
+    fake_started_run(ws, args, r)
     try:
         p = ext(ws, "run", "sft", "--dry-run", "dataset=mine_train")  # issue 11 defect 2, as reported
         assert p.returncode == 2 and "dataset: sample_train -> mine_train" in p.stderr, p.stderr
     finally:
-        shutil.rmtree(ws / rdir)
+        shutil.rmtree(r.dir)
 
 
 # ------------------------------------------------------------------------------ checkpoints (issue 12)
@@ -272,39 +272,39 @@ def write_safetensors(path: Path, truncate_by: int = 0) -> None:
 
 
 def test_a_truncated_adapter_is_skipped_naming_the_file(ws):
-    args, rdir = sft_args(ws, run="broken")
-    fake_started_run(ws, args, rdir, steps=(2, 4))
-    out = ws / rdir / "adapter"
+    args, r = sft_args(ws, run="broken")
+    fake_started_run(ws, args, r, steps=(2, 4))
+    out = r.dir / "adapter"
     write_safetensors(out / "checkpoint-2/adapter_model.safetensors")
     write_safetensors(out / "checkpoint-4/adapter_model.safetensors", truncate_by=100)
     try:
         # 8-byte header length + 72-byte JSON header + 64 x 16 fp32 (4,096 B) = 4,176 B; 100 cut off
         assert runs.checkpoint_problem(out / "checkpoint-4") == (
             "adapter_model.safetensors: truncated (4076 bytes, the header describes 4176)")
-        said = in_ws(ws, launch.decide_resume, args, rdir, "auto", dry_run=False)
-        assert args["resume_from_checkpoint"] == str(rdir / "adapter/checkpoint-2")
+        said = sft.decide_resume(r, args, "auto", dry_run=False)
+        assert args["resume_from_checkpoint"] == "runs/broken/adapter/checkpoint-2"
         assert any("skipping broken checkpoint checkpoint-4: adapter_model.safetensors: truncated" in s for s in said)
         assert not (out / "checkpoint-4").exists()  # moved aside, not deleted:
-        assert [p.name.split(".")[0] for p in (ws / rdir / "broken").iterdir()] == ["checkpoint-4"]
+        assert [p.name.split(".")[0] for p in (r.dir / "broken").iterdir()] == ["checkpoint-4"]
     finally:
-        shutil.rmtree(ws / rdir)
+        shutil.rmtree(r.dir)
 
 
 def test_only_a_half_saved_checkpoint_starts_over(ws):
     """issue 12: a kill during the first save left checkpoint-10 without trainer_state.json; LLaMA-Factory's
     own auto-resume picked it and crashed (FileNotFoundError)."""
-    args, rdir = sft_args(ws, run="half")
-    out = ws / rdir / "adapter"
+    args, r = sft_args(ws, run="half")
+    out = r.dir / "adapter"
     (out / "checkpoint-10").mkdir(parents=True)
     write_safetensors(out / "checkpoint-10/adapter_model.safetensors")
     try:
-        said = in_ws(ws, launch.decide_resume, args, rdir, "auto", dry_run=False)
+        said = sft.decide_resume(r, args, "auto", dry_run=False)
         assert "resume_from_checkpoint" not in args and not out.exists()
         assert "trainer_state.json is missing" in said[0] and "starting over" in said[-1]
-        kept = [p for p in (ws / rdir).iterdir() if p.name.startswith("adapter.")]
+        kept = [p for p in r.dir.iterdir() if p.name.startswith("adapter.")]
         assert len(kept) == 1 and (kept[0] / "checkpoint-10/adapter_model.safetensors").is_file()
     finally:
-        shutil.rmtree(ws / rdir)
+        shutil.rmtree(r.dir)
 
 
 def test_resume_from_a_given_broken_checkpoint_names_the_file(ws, tmp_path):
@@ -312,9 +312,9 @@ def test_resume_from_a_given_broken_checkpoint_names_the_file(ws, tmp_path):
     ck.mkdir()
     (ck / "trainer_state.json").write_text("{}")
     (ck / "optimizer.pt").write_bytes(b"PK\x03\x04 not a whole zip")
-    args, rdir = sft_args(ws, run="given")
+    args, r = sft_args(ws, run="given")
     with pytest.raises(UserError, match="optimizer.pt: not a whole torch file"):
-        in_ws(ws, launch.decide_resume, args, rdir, str(ck), dry_run=True)
+        sft.decide_resume(r, args, str(ck), dry_run=True)
 
 
 # ------------------------------------------------------------------------------ environment (issue 11.5)
@@ -323,7 +323,7 @@ def test_generic_environment_variables_change_nothing(ws):
                   TOP_P="x", MAX_NEW_TOKENS="y", DRY_RUN="0", ROPE="ntk")
     p = ext(ws, "run", "sft", "--dry-run", env=env)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "resolved from sft_recipes/tiny_sample.yaml" in p.stdout and "cutoff_len: 1024" in p.stdout
+    assert "resolved: sft_recipes/tiny_sample.yaml -> runs/tiny_sample" in p.stdout and "cutoff_len: 1024" in p.stdout
 
 
 def test_sft_refuses_predict_flags(ws):
@@ -373,15 +373,11 @@ def test_deepspeed_dry_run_builds_nothing_and_a_leftover_lock_file_is_harmless(w
 
 def test_recipe_registry_resolves_only_training_splits(ws):
     info = json.loads((ws / "dataset_info.json").read_text())
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        assert recipes.resolve("tiny", "mine", info).dataset == "mine_train"
-        assert recipes.test_dataset("mine_train", info) == "mine_test"
-        with pytest.raises(UserError):
-            recipes.resolve("tiny", "mine_test", info)
-    finally:
-        os.chdir(cwd)
+    proj = Project(ws)
+    assert recipes.resolve(proj, "tiny", "mine", info).dataset == "mine_train"
+    assert recipes.test_dataset("mine_train", info, ws) == "mine_test"
+    with pytest.raises(UserError):
+        recipes.resolve(proj, "tiny", "mine_test", info)
 
 
 # ------------------------------------------------------------------------------ predict any file (issue 10.3)
@@ -401,7 +397,11 @@ def test_predict_papers_from_any_file_with_and_without_reviews(ws):
     assert [r["run"] for r in table] == ["base_temp_0.35"] and table[0]["n"] == "3"
     assert table[0]["bleu-4"] != ""  # one paper has its reference review
     reviews = [json.loads(x) for x in (out / "base_temp_0.35/reviews.jsonl").open()]
-    assert [r["paper_id"] for r in reviews] == [rows[0]["paper_id"], "new_papers-2", "new_papers-3"]
+    # papers without an id are named after the file and their text (data/prepare.py paper_name)
+    import hashlib
+
+    named = [f"new_papers-{hashlib.sha1(rows[i]['input'].encode()).hexdigest()[:10]}" for i in (1, 2)]
+    assert [r["paper_id"] for r in reviews] == [rows[0]["paper_id"], *named]
     doc = json.loads((out / "papers.jsonl").read_text().splitlines()[1])
     assert doc["output"] == "" and len(doc["input"]) < len(rows[1]["input"])  # cut to the family's paper budget
     assert json.loads((ws / "dataset_info.json").read_text()).keys() >= {"mine_train"}  # the project's untouched
@@ -416,26 +416,26 @@ def test_container_cpu_quota_in_whole_cores(tmp_path):
         (d / "cpu.max").write_text(text)
         return d
 
-    assert launch.cgroup_cpus(v2("150000 100000\n")) == 2  # 1.5 cores -> 2 threads' worth
-    assert launch.cgroup_cpus(v2("100000 100000\n")) == 1
-    assert launch.cgroup_cpus(v2("max 100000\n")) is None
+    assert launcher.cgroup_cpus(v2("150000 100000\n")) == 2  # 1.5 cores -> 2 threads' worth
+    assert launcher.cgroup_cpus(v2("100000 100000\n")) == 1
+    assert launcher.cgroup_cpus(v2("max 100000\n")) is None
     v1 = tmp_path / "v1"
     (v1 / "cpu").mkdir(parents=True)
     (v1 / "cpu/cpu.cfs_quota_us").write_text("400000\n")
     (v1 / "cpu/cpu.cfs_period_us").write_text("100000\n")
-    assert launch.cgroup_cpus(v1) == 4
+    assert launcher.cgroup_cpus(v1) == 4
     (v1 / "cpu/cpu.cfs_quota_us").write_text("-1\n")
-    assert launch.cgroup_cpus(v1) is None
-    assert launch.cgroup_cpus(tmp_path / "none") is None
+    assert launcher.cgroup_cpus(v1) is None
+    assert launcher.cgroup_cpus(tmp_path / "none") is None
 
-    threads, why = launch.cpu_threads(0.1, cgroup_root=v2("100000 100000\n"))
+    threads, why = launcher.cpu_threads(0.1, cgroup_root=v2("100000 100000\n"))
     assert threads == 1 and "1 usable core (container quota 1)" in why, why
 
 
 def test_cpu_threads_follow_the_affinity_mask_and_the_load():
     """One thread per usable idle core: a process pinned to one core gets 1; with every core busy, 1."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from llamafactory_ext import launch; print(*launch.cpu_threads(0.1), sep='|')")
+            "from llamafactory_ext.train import launcher; print(*launcher.cpu_threads(0.1), sep='|')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     threads, why = out.stdout.strip().split("|")
@@ -445,7 +445,7 @@ def test_cpu_threads_follow_the_affinity_mask_and_the_load():
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
         time.sleep(0.5)
-        threads, why = launch.cpu_threads(0.5, cgroup_root="/nonexistent")
+        threads, why = launcher.cpu_threads(0.5, cgroup_root="/nonexistent")
     finally:
         for s in spinners:
             s.kill()

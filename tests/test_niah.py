@@ -11,7 +11,8 @@ import csv
 
 import pytest
 
-from llamafactory_ext import UserError, cli, niah
+from llamafactory_ext import UserError, cli
+from llamafactory_ext.fit import niah
 
 
 def tokenizer_and_template(path, family):

@@ -12,7 +12,7 @@ from conftest import cli_env
 
 from llamafactory_ext import UserError
 from llamafactory_ext.cli import main
-from llamafactory_ext.register import register
+from llamafactory_ext.data.register import register
 
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 
@@ -154,7 +154,7 @@ def test_concurrent_registrations_lose_nothing(tmp_path):
     """Eight processes register 10 names each at once: the lock keeps all 80."""
     info = tmp_path / "dataset_info.json"
     data = alpaca(tmp_path / "d.jsonl")
-    code = ("import sys; from llamafactory_ext.register import register\n"
+    code = ("import sys; from llamafactory_ext.data.register import register\n"
             "for i in range(10): register(f'w{sys.argv[1]}_{i}', sys.argv[2], sys.argv[3])\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(w), str(data), str(info)], env=cli_env())
              for w in range(8)]

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from llamafactory_ext import REVIEWER_INSTRUCTION, UserError, cli
-from llamafactory_ext.papertext import drop_references, read_paper
-from llamafactory_ext.review import find_runs, load_chat_model, resolve_model, review_paper
-from llamafactory_ext.sections import HEADERS
+from llamafactory_ext.eval.sections import HEADERS
+from llamafactory_ext.serve.papertext import drop_references, read_paper
+from llamafactory_ext.serve.review import load_chat_model, resolve_model, review_paper
+from llamafactory_ext.train.runs import trained_runs
 
 
 def _make_pdf(text: str, path: Path) -> Path:
@@ -157,8 +158,9 @@ def test_runs_adapter_only_merged_and_the_newest_by_default(tmp_path, tiny_model
     for f in (adapter_run / "adapter").iterdir():
         os.utime(f, (later, later))
     (runs / "not_a_run").mkdir()  # neither merged/ nor adapter/: not offered
-    assert [p.name for p in find_runs(runs)] == ["tiny_adapter", "tiny_merged"]
+    assert [t.dir.name for t in trained_runs(runs)] == ["tiny_adapter", "tiny_merged"]
 
+    (tmp_path / "sft_recipes").mkdir()  # a project folder (project.py): its runs/ are searched
     monkeypatch.chdir(tmp_path)
     common = ["--temperature", "0", "--max-new-tokens", "12"]
     assert cli.main(["review", str(paper["pdf"]), *common]) == 0
@@ -172,6 +174,7 @@ def test_runs_adapter_only_merged_and_the_newest_by_default(tmp_path, tiny_model
 
 
 def test_no_run_yet_says_what_to_do(tmp_path, paper, monkeypatch, capsys):
+    (tmp_path / "sft_recipes").mkdir()  # a project folder (project.py) without runs
     monkeypatch.chdir(tmp_path)
     assert cli.main(["review", str(paper["pdf"])]) == 2
     err = capsys.readouterr().err
@@ -250,6 +253,7 @@ def test_errors(tmp_path, tiny_models, capsys, case, message):
     elif case == "adapter_base":
         (tmp_path / "run" / "adapter").mkdir(parents=True)
         (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+        (tmp_path / "run" / "adapter" / "adapter_model.safetensors").write_bytes(b"")  # a finished adapter
         (tmp_path / "run" / "sft_args.yaml").write_text("model_name_or_path: build/nowhere/model\ntemplate: mistral\n")
         model = str(tmp_path / "run")
     elif case == "template":
@@ -275,7 +279,7 @@ def test_scanned_message_names_the_file(tmp_path):
 
 
 def test_paper_budget_respects_the_model_context():
-    from llamafactory_ext.review import TEMPLATE_MARGIN, paper_budget
+    from llamafactory_ext.serve.review import TEMPLATE_MARGIN, paper_budget
 
     assert paper_budget(7168, 32768, 1024, 60) == 7168          # Mistral v0.2: the seed's 7x1024 fits
     assert paper_budget(7168, 8192, 1024, 60) == 8192 - 1024 - 60 - TEMPLATE_MARGIN  # gemma-7b-it: cut further

@@ -18,7 +18,8 @@ import pytest
 import torch
 from conftest import ROOT, cli_env
 
-from llamafactory_ext import patches, tiny
+from llamafactory_ext import patches
+from llamafactory_ext.models import tiny
 
 ORIG = 64          # tiny max_position_embeddings
 CUTOFF = 160       # > ORIG: ceil(160 / 64) = 3 = the factor LLaMA-Factory picks

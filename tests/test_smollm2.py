@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env
 
-from llamafactory_ext import UserError, families, smollm2
+from llamafactory_ext import UserError, families, models
 from llamafactory_ext.fileio import remove_stale_temps
+from llamafactory_ext.models import smollm2
+from llamafactory_ext.project import Project
 
-MODEL = ROOT / smollm2.DEFAULT_OUT
+MODEL = ROOT / families.get("smollm2").model
 CACHED_WHEEL = MODEL.parent / smollm2.WHEEL
 GGUF_NAME = Path(smollm2.GGUF_MEMBER).name
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -87,7 +89,7 @@ def test_files_config_and_family_numbers(model_dir):
     assert cfg["rope_parameters"]["rope_theta"] == theta
     assert {k: cfg[k] for k in arch} == arch  # the family table's numbers are the real model's
     assert cfg["max_position_embeddings"] == fam.context
-    assert Path(fam.model) == smollm2.DEFAULT_OUT
+    assert families.model_dir(fam, Project(ROOT)) == MODEL
     assert (model_dir / "model.safetensors").stat().st_size > 500e6  # fp32, 134.5 M parameters
 
 
@@ -122,7 +124,7 @@ def test_cached_call_builds_nothing(model_dir, monkeypatch):
     monkeypatch.setattr(smollm2, "fetch", boom)
     monkeypatch.setattr(smollm2, "convert", boom)
     assert smollm2.ensure(model_dir) == model_dir
-    assert families.ensure_model("smollm2", ROOT) == model_dir
+    assert models.ensure("smollm2", Project(ROOT)) == model_dir
     assert (stamp.stat().st_mtime_ns, (model_dir / "model.safetensors").stat().st_mtime_ns) == before
     # the CLI too, with no index reachable: offline after the first fetch
     p = ext("smollm2", "--out", str(model_dir), env=offline_pip_env())

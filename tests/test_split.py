@@ -10,7 +10,7 @@ import pytest
 
 from llamafactory_ext import UserError
 from llamafactory_ext.cli import main
-from llamafactory_ext.split import paper_key, parse_sizes, parse_test_size, size_name, split
+from llamafactory_ext.data.split import paper_key, parse_sizes, parse_test_size, size_name, split
 
 
 def read_lines(path: Path) -> list[bytes]:

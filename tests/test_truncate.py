@@ -14,8 +14,15 @@ import truncate_reference
 
 from llamafactory_ext import REVIEWER_INSTRUCTION, UserError
 from llamafactory_ext.cli import main
-from llamafactory_ext.convert import convert
-from llamafactory_ext.truncate import Truncator, _Tokens, load_template, load_tokenizer, quantiles, truncate
+from llamafactory_ext.data.convert import convert
+from llamafactory_ext.data.truncate import (
+    Truncator,
+    _Tokens,
+    load_template,
+    load_tokenizer,
+    quantiles,
+    truncate,
+)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -240,13 +247,9 @@ def test_output_is_byte_identical_to_the_plain_algorithm(tmp_path, lf, tiny_mode
     assert stats.dropped == (1 if kwargs.get("max_tokens") == 1024 else 0)
 
 
-def test_smollm2_tokenizer_matches_the_plain_algorithm(tmp_path, sample_part):
+def test_smollm2_tokenizer_matches_the_plain_algorithm(tmp_path, sample_part, smollm2_model):
     """A real 49K-vocabulary tokenizer (GPT-2 style pre-tokenizer, ChatML template with a system prompt)."""
-    from llamafactory_ext import smollm2
-
-    if not smollm2.is_built():
-        pytest.skip("SmolLM2 is not built here (llamafactory-ext smollm2)")
-    model = str(smollm2.ensure())
+    model = str(smollm2_model)
     tok = load_tokenizer(model)
     template = load_template(tok, "smollm2")
     for kwargs in ({"max_tokens": 4096}, {"max_tokens": 640}, {"inference": True, "paper_tokens": 256}):

@@ -27,7 +27,8 @@ from test_review import _make_pdf as make_pdf
 from test_review import make_adapter_run
 
 from llamafactory_ext import REVIEWER_INSTRUCTION, cli, families
-from llamafactory_ext.sections import HEADERS
+from llamafactory_ext.eval.sections import HEADERS
+from llamafactory_ext.project import Project
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -98,24 +99,11 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def reviewer(request, tmp_path_factory, tiny_models) -> dict:
-    """The run the Review tab is tested with. The SmolLM2 reviewer trained on the sample (the session fixture
-    `smollm2_workspace` of tests/conftest.py: a project folder holding runs/smollm2_sample/{sft_args.yaml,
-    adapter/, merged/}) writes the four sections. Without that fixture the tiny random Mistral stands in: the
-    page must then say that every section is missing, never show the renderer's headers as a review."""
-    try:
-        workspace = request.getfixturevalue("smollm2_workspace")
-    except pytest.FixtureLookupError:
-        workspace = None
-    if workspace is not None:
-        run = Path(workspace) / "runs" / "smollm2_sample"
-        return {"run": run, "name": run.name, "real": True, "max_new_tokens": None}
-    run = tmp_path_factory.mktemp("reviewer") / "tiny_reviewer"
-    (run / "merged").mkdir(parents=True)
-    for f in tiny_models["mistral"].iterdir():
-        os.symlink(f, run / "merged" / f.name)
-    (run / "sft_args.yaml").write_text(f"model_name_or_path: {tiny_models['mistral']}\ntemplate: mistral\n")
-    return {"run": run, "name": run.name, "real": False, "max_new_tokens": 24}
+def reviewer(smollm2_workspace) -> dict:
+    """The run the Review tab is tested with: the SmolLM2 reviewer trained on the sample (conftest.py
+    `smollm2_workspace`: runs/smollm2_sample/{sft_args.yaml, adapter/, merged/}), which writes the four sections."""
+    run = Path(smollm2_workspace) / "runs" / "smollm2_sample"
+    return {"run": run, "name": run.name, "max_new_tokens": None}
 
 
 @pytest.fixture(scope="module")
@@ -203,16 +191,16 @@ def number(page, label: str):
 def llamaboard(tmp_path_factory):
     """LlamaBoard's own argument builder (Runner._parse_train_args) on a UI built in this process, wired to the
     repository's project folder (llamaboard_cache/ goes to a temp folder, not the repo)."""
-    from llamafactory_ext import webui
+    from llamafactory_ext.serve import llamaboard, webui
 
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("llamaboard_cwd"))
     try:
-        webui.wire_llamaboard(ROOT)
+        llamaboard.wire(Project(ROOT))
         from llamafactory.webui.engine import Engine
 
         engine = Engine()
-        webui.create_ui(ROOT, engine)
+        webui.create_ui(Project(ROOT), engine)
     finally:
         os.chdir(cwd)
 
@@ -232,13 +220,13 @@ def test_every_recipe_loads_as_a_llamaboard_config(llamaboard, accelerator):
     paths resolved in the project, output in runs/<recipe>/adapter; without a GPU fp32 and no DeepSpeed."""
     import yaml
 
-    from llamafactory_ext import webui
+    from llamafactory_ext.serve import llamaboard as board
 
     recipes = sorted((ROOT / "sft_recipes").glob("*.yaml"))
     assert len(recipes) >= 7
     for path in recipes:
         recipe = yaml.safe_load(path.read_text())
-        config = webui.recipe_config(path, ROOT, accelerator=accelerator, now="T")
+        config = board.recipe_config(path, Project(ROOT), accelerator=accelerator, now="T")
         args = llamaboard(config)
         resolved = {"model_name_or_path", "dataset_dir", "output_dir", "deepspeed", "overwrite_output_dir"}
         needs_gpu = {"bf16", "fp16", "pure_bf16", "enable_liger_kernel"} if not accelerator else set()
@@ -263,13 +251,13 @@ def test_every_recipe_loads_as_a_llamaboard_config(llamaboard, accelerator):
 
 def test_a_recipe_says_what_is_missing(tmp_path):
     """A fresh project: the recipe's model and dataset are not built yet; loading it says how to build them."""
-    from llamafactory_ext import webui
+    from llamafactory_ext.serve import llamaboard
 
     (tmp_path / "sft_recipes").mkdir()
     recipe = shutil.copy(ROOT / "sft_recipes" / "tiny_sample.yaml", tmp_path / "sft_recipes")
     (tmp_path / "runs" / "tiny_sample" / "adapter").mkdir(parents=True)
     (tmp_path / "runs" / "tiny_sample" / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
-    config = webui.recipe_config(Path(recipe), tmp_path, accelerator=False, now="20260101-000000")
+    config = llamaboard.recipe_config(Path(recipe), Project(tmp_path), accelerator=False, now="20260101-000000")
     note = config["train.output_box"]
     assert f"the model folder {tmp_path}/build/tiny/mistral does not exist yet: `llamafactory-ext tiny` in" in note
     assert "dataset(s) sample_train not built yet: run `make data`" in note
@@ -344,8 +332,8 @@ def test_review_tab_reviews_an_uploaded_pdf(page, server, reviewer, review_pdf, 
     assert m, status.inner_text()
     used, total = (int(g.replace(",", "")) for g in m.groups()[:2])
     assert 0 < used <= total and int(m.group(3).replace(",", "")) > 1000
-    if reviewer["real"]:  # SmolLM2's paper budget, what it was trained with: the paper was cut, the page says so
-        assert used == families.get("smollm2").paper_budget < total
+    # SmolLM2's paper budget, what it was trained with: the paper was cut, the page says so
+    assert used == families.get("smollm2").paper_budget < total
 
     out = page.locator("#review_output")
     assert out.locator("h1").inner_text() == "Review of paper.pdf"
@@ -358,15 +346,11 @@ def test_review_tab_reviews_an_uploaded_pdf(page, server, reviewer, review_pdf, 
         page.locator("#review_download").click()
     markdown = Path(download.value.path()).read_text(encoding="utf-8")
     assert download.value.suggested_filename == "paper.review.md" and markdown.startswith("# Review of paper.pdf")
-    if reviewer["real"]:  # the model wrote every section: text under each header, nothing marked missing
-        assert shown == list(HEADERS.values()) and "missing section" not in status.inner_text()
-        for header, text in zip(HEADERS.values(), under, strict=True):
-            assert len(text) > 3 and "section missing" not in text, f"{header}: {text!r}"
-        assert "section missing" not in markdown
-    else:  # the tiny random model writes no section: the page says so and shows what it wrote
-        assert shown[4:] == ["Raw model output"] and "missing section(s)" in status.inner_text()
-        assert under[:4] == ["(section missing in the model output)"] * 4
-        assert markdown.count("_(section missing in the model output)_") == 4
+    # the model wrote every section: text under each header, nothing marked missing
+    assert shown == list(HEADERS.values()) and "missing section" not in status.inner_text()
+    for header, text in zip(HEADERS.values(), under, strict=True):
+        assert len(text) > 3 and "section missing" not in text, f"{header}: {text!r}"
+    assert "section missing" not in markdown
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +364,7 @@ def test_review_api_is_the_cli_code(server, project, reviewer, review_pdf, tiny_
     (greedy: the same text); run "" is the newest run; an adapter-only run works; errors say what is wrong."""
     from gradio_client import handle_file
 
-    from llamafactory_ext.review import review_paper
+    from llamafactory_ext.serve.review import review_paper
 
     client = gradio_client.Client(server.url, verbose=False, httpx_kwargs=SLOW_SERVER)
     # (gradio's Markdown drops the final newline; the downloaded file keeps it)
