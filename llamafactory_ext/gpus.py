@@ -3,7 +3,7 @@
 memory: what nvidia-smi reports as memory.total (MiB), default ECC setting: a "48 GB" A40 shows 46068 MiB =
 45.0 GiB. bf16: dense BF16 tensor-core peak (TFLOP/s, no sparsity), the denominator of MFU. bandwidth: HBM/GDDR
 bandwidth (GB/s). Each from the vendor's datasheet (source column); the H200's memory is what one reported here
-(../shared/data/gpu/h200-2026-12-04.json). Cards without bf16 (T4, V100) cannot run the bf16 recipes.
+(tests/fixtures/gpu_h200_2026-12-04.json). Cards without bf16 (T4, V100) cannot run the bf16 recipes.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ CARDS: dict[str, Card] = {c.name: c for c in (
     Card("v100-32", 32768, None, 900, "NVIDIA V100 datasheet (no BF16; FP16 Tensor 125 TFLOPS, 900 GB/s)",
          ("V100",)),
 )}
-REFERENCE = "h200"  # the card the speed model is calibrated on (../shared/data/gpu/h200-2026-12-04.json)
+REFERENCE = "h200"  # the card the speed model is calibrated on (tests/fixtures/gpu_h200_2026-12-04.json)
 
 
 def by_device_name(device_name: str | None) -> Card | None:

@@ -409,9 +409,11 @@ def is_applied() -> bool:
 
 
 def install_import_hook() -> None:
-    """What the .pth does at start-up, for a Python without it (e.g. a bare GPU box running a script), plus
-    patching the hooked modules that are already imported (model classes defined before keep stock code)."""
+    """What the .pth does at start-up, for a Python without it (a GPU box running the project from PYTHONPATH, as
+    gpu-check's children may), plus patching the hooked modules that are already imported (model classes defined
+    before keep stock code). The .pth's opt-out (_autopatch.ENV) is honoured."""
     from llamafactory_ext import _autopatch
 
-    _autopatch.install()
-    apply()
+    if _autopatch.enabled():
+        _autopatch.install()
+        apply()

@@ -1,9 +1,10 @@
 """How numbers are written on the command line, and the one rule that names a temperature's folder.
 
 The "k" rule, for every count the project reads (CUTOFF, PAPER_TOKENS, SIZES, niah --lengths, plan --tokens):
-  - tokens: k = 1,024 (context lengths are named that way: `CUTOFF=8k` = 8,192, 12k = 12,288, Mistral's 32k =
-    32,768);
-  - records and papers: k = 1,000 (the seed's "5K" and "15K" datasets: `SIZES=5k` = 5,000).
+  - lengths in tokens: k = 1,024 (context lengths are named that way: `CUTOFF=8k` = 8,192, 12k = 12,288,
+    Mistral's 32k = 32,768);
+  - records, papers and totals: k = 1,000 (the seed's "5K" and "15K" datasets: `SIZES=5k` = 5,000; a total
+    of training tokens, `plan --tokens 85000k`, is not a context length).
 `1.5k` is allowed (1,536 tokens); the result must be a positive whole number. Every command that takes such a
 value says the number it understood.
 

@@ -266,10 +266,8 @@ def tokenizers() -> list[tuple[str, Path | None, str, str]]:
 
     rows = [("tiny Mistral (byte-level BPE, 2K vocabulary)", tiny.build("mistral", ROOT / "build" / "tiny" / "mistral"),
              "mistral", "")]
-    try:
-        from llamafactory_ext.models import smollm2
-    except ImportError:
-        return [*rows, ("SmolLM2-135M-Instruct", None, "smollm2", "llamafactory_ext.smollm2 is not there yet")]
+    from llamafactory_ext.models import smollm2
+
     folder = ROOT / smollm2.DEFAULT_OUT
     if not smollm2.is_built(folder):
         return [*rows, ("SmolLM2-135M-Instruct", None, "smollm2",

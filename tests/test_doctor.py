@@ -139,3 +139,10 @@ def doctor_recipe() -> dict:
     import yaml
 
     return yaml.safe_load((ROOT / "sft_recipes/mistral_15k.yaml").read_text())
+
+
+def test_run_without_model_says_what_to_add(capsys):
+    from llamafactory_ext import cli
+
+    assert cli.main(["doctor", "--run", "big"]) == 2
+    assert "RUN=big needs MODEL= (and DATA=)" in capsys.readouterr().err

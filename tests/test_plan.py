@@ -272,6 +272,10 @@ def test_cli_text_verdict_and_recommendations():
     assert "cutoff_len up to 8,704 at batch 1" in p.stdout
     p = ext("plan", "sft_recipes/mistral_15k.yaml", "--gpu", "a40", "--batch", "3", "--liger")
     assert p.returncode == 0 and "fits" in p.stdout and "Liger fused CE" in p.stdout
+    # make plan passes CUTOFF= on, in the k rule's units (8k = 8,192): at 8,192 the gemma recipe fits the A40
+    p = subprocess.run(["make", "--no-print-directory", "plan", "MODEL=gemma", "DATA=15k", "GPU=a40", "CUTOFF=8k"],
+                       cwd=ROOT, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert p.returncode == 0 and "cutoff_len 8192 x per-device batch 1" in p.stdout, p.stdout + p.stderr
 
 
 def test_cli_table():

@@ -171,6 +171,11 @@ def test_runs_adapter_only_merged_and_the_newest_by_default(tmp_path, tiny_model
     assert "model: runs/tiny_merged (merged); template: mistral" in merged.err
     assert merged.out.startswith("# Review of paper.pdf") and by_default.out.startswith("# Review of paper.pdf")
     assert merged.out != by_default.out  # greedy both times: only the adapter differs
+    assert cli.main(["review", str(paper["pdf"]), "--run", "tiny_merged", *common]) == 0  # RUN=: that run, not the newest
+    assert "model: runs/tiny_merged (merged)" in capsys.readouterr().err
+    assert cli.main(["review", str(paper["pdf"]), "--run", "not_a_run"]) == 2
+    assert ("RUN=not_a_run: runs/not_a_run has no trained model (no merged/ or adapter/); trained runs: "
+            "tiny_adapter, tiny_merged") in capsys.readouterr().err
 
 
 def test_no_run_yet_says_what_to_do(tmp_path, paper, monkeypatch, capsys):

@@ -79,7 +79,8 @@ def test_predict_array_reviews_the_task_s_shard(cluster):
     papers = ROOT / "data/sample/paper_review.jsonl"
     seen = 0
     for task in range(3):
-        env.update(SLURM_ARRAY_TASK_COUNT="3", SLURM_ARRAY_TASK_ID=str(task), SLURM_SUBMIT_DIR=str(ws))
+        env.update(SLURM_ARRAY_TASK_COUNT="3", SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX="2",
+                   SLURM_ARRAY_TASK_ID=str(task), SLURM_SUBMIT_DIR=str(ws))
         p = subprocess.run(["bash", "slurm/predict_array.sbatch", "tiny", "sample", str(papers), "BASE=1",
                             "DRY_RUN=1"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
@@ -89,3 +90,30 @@ def test_predict_array_reviews_the_task_s_shard(cluster):
         assert f"runs/tiny_sample/predict/paper_review/shards-of-3/{task}/" in head, head
     assert seen == 36  # the three tasks' shards are the whole file
     assert not (ws / "runs").exists()
+
+
+def test_predict_array_rerun_of_some_tasks_needs_the_shard_count(cluster):
+    """`sbatch --array=1` re-runs task 1 alone: its count (1) is not the 3 shards the papers were split into."""
+    ws, env = cluster
+    papers = ROOT / "data/sample/paper_review.jsonl"
+    argv = ["bash", "slurm/predict_array.sbatch", "tiny", "sample", str(papers), "BASE=1", "DRY_RUN=1"]
+    env.update(SLURM_ARRAY_TASK_COUNT="1", SLURM_ARRAY_TASK_MIN="1", SLURM_ARRAY_TASK_MAX="1",
+               SLURM_ARRAY_TASK_ID="1", SLURM_SUBMIT_DIR=str(ws))
+    p = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "SHARDS=8 sbatch --array=1" in p.stderr and not p.stdout, (p.stdout, p.stderr)
+    p = subprocess.run(argv, cwd=ws, env=dict(env, SHARDS="3"), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("shard 1 of 3: "), (p.stdout, p.stderr)
+    env.pop("SLURM_ARRAY_TASK_ID")
+    p = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "not an array job" in p.stderr, p.stderr
+
+
+def test_make_predict_merge_takes_the_predict_variables(cluster):
+    """The last array task's SHARD= is on the same line: predict-merge ignores it and says what is missing."""
+    ws, env = cluster
+    p = subprocess.run(["make", "--no-print-directory", "predict-merge", "PAPERS=data/sample/paper_review.jsonl",
+                        "SHARDS=3", "SHARD=1"], cwd=ws, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert ("no sharded predictions of data/sample/paper_review.jsonl in 3 shards in runs/tiny_sample/predict "
+            "(there: none); run `make predict PAPERS=... SHARDS=... SHARD=i` first") in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr

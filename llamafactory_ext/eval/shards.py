@@ -324,15 +324,23 @@ def run(ns) -> int:
             raise UserError(f"RUN {ns.run_dir}: no such run folder (looked at {given} and {proj.rel(rdir)})")
     else:
         rdir = resolve.from_args(ns).dir
-    found = sorted(rdir.glob("predict/*/shards-of-*"))
+    every = sorted(rdir.glob("predict/*/shards-of-*"))
+    found = every
     if ns.papers:
         found = [f for f in found if f.parent.name == safe_stem(ns.papers)]
     if ns.shards:
         found = [f for f in found if f.name == f"shards-of-{units.count(ns.shards, 'SHARDS', unit='papers')}"]
     if len(found) != 1:
-        what = ", ".join(proj.rel(f) for f in found) or "none"
-        raise UserError(f"{'several' if found else 'no'} sharded predictions in {proj.rel(rdir)}/predict ({what}); "
-                        f"say which with PAPERS= and SHARDS= (--papers, --shards)")
+        there = ", ".join(proj.rel(f) + "/" for f in every) or "none"
+        if found:
+            hint = "say which with PAPERS= and SHARDS= (--papers, --shards)"
+        elif ns.papers or ns.shards:
+            hint = "run `make predict PAPERS=... SHARDS=... SHARD=i` first, or give the PAPERS=/SHARDS= it was run with"
+        else:
+            hint = "run `make predict PAPERS=... SHARDS=... SHARD=i` first"
+        raise UserError(f"{'several' if found else 'no'} sharded predictions"
+                        f"{' of ' + str(ns.papers) if ns.papers else ''}{' in ' + str(ns.shards) + ' shards' if ns.shards else ''}"
+                        f" in {proj.rel(rdir)}/predict (there: {there}); {hint}")
     root = found[0]
     count = int(root.name.rsplit("-", 1)[1])
     pattern = re.compile(r"(base_)?temp_([0-9.]+)")

@@ -437,6 +437,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.family and args.recipe:
         raise UserError("give --recipe FILE or --model/--data, not both")
+    if args.run and not args.family:
+        raise UserError(f"RUN={args.run} needs MODEL= (and DATA=): the run's recipe is the one of MODEL x DATA, "
+                        f"e.g. make doctor MODEL=mistral DATA=15k RUN={args.run}")
     if args.family:
         from llamafactory_ext.train import resolve
 

@@ -190,6 +190,9 @@ def _child_main(argv: list[str]) -> None:
     if what == "build":
         print("RESULT " + json.dumps(str(build_model(payload["family"], Path(payload["work"]), payload["smoke"]))))
     elif what == "train":
+        from llamafactory_ext import patches
+
+        patches.install_import_hook()  # the recipes' RoPE fix, also where the package runs from PYTHONPATH (no .pth)
         child_train(payload)
         print("RESULT null")
     elif what == "generate":

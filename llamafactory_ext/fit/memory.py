@@ -33,7 +33,7 @@ tests/test_plan.py):
   2 B as a bias in the recomputed layer) and repeats k/v for GQA; a batch of sequences of one length (gpu-check's,
   --fixed-length) gets none; flash-attention never does; eager stores b x heads x s^2 probabilities.
 
-Fitted on one H200 (torch 2.11 with the pinned stack: ../shared/data/gpu/h200-2026-12-04.json, Mistral-7B at 4,096
+Fitted on one H200 (torch 2.11 with the pinned stack: tests/fixtures/gpu_h200_2026-12-04.json, Mistral-7B at 4,096
 and 12,288 tokens, gemma-7b at 12,288 with and without Liger; tests/fixtures/gpu_h200_2026-12-04.json):
 * C_LAYER: on CUDA the recomputed layer holds half of the derived bytes (0.5; from gemma + Liger, the one point
   where that moment is the peak; Mistral 4K agrees to 0.2 %). The CPU trace matches the derived bytes; which saved
@@ -70,7 +70,7 @@ from llamafactory_ext import UserError
 
 GiB = 1024**3
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Fitted on one H200 (torch 2.11 + the pinned stack; ../shared/data/gpu/h200-2026-12-04.json), module docstring:
+# Fitted on one H200 (torch 2.11 + the pinned stack; tests/fixtures/gpu_h200_2026-12-04.json), module docstring:
 C_LAYER = 0.5  # the recomputed layer's live bytes on CUDA, as a share of the derived upper bound
 OUTSIDE_ALLOCATOR = 1.1 * GiB  # nvidia-smi minus max_memory_reserved (and the paged optimizer states)
 HEADROOM = 0.10  # a long run of padded batches of varying length fragments the cache: fits = peak x 1.10 <= memory

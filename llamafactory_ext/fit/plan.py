@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from llamafactory_ext import UserError, gpus
+from llamafactory_ext import UserError, gpus, units
 from llamafactory_ext.fit.memory import (
     Arch,
     Estimate,
@@ -152,7 +152,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-mem", type=float, help="usable GPU memory in GiB (nvidia-smi memory.total MiB / 1024)")
     p.add_argument("--gpu", choices=sorted(gpus.CARDS), help="a card (gpus.py): its memory, and its speed for the time")
     p.add_argument("--batch", type=int, help="override per_device_train_batch_size")
-    p.add_argument("--cutoff", type=int, help="override cutoff_len")
+    p.add_argument("--cutoff", help="override cutoff_len (8192 or 8k, as CUTOFF= takes it)")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (splits ZeRO optimizer states)")
     p.add_argument("--liger", action="store_true", help="as if enable_liger_kernel: true")
     p.add_argument("--fixed-length", action="store_true",
@@ -239,7 +239,6 @@ def planned_args(args: argparse.Namespace) -> tuple[dict, str, Path | None, obje
 def training_time(args: argparse.Namespace, recipe: dict, arch: Arch, s: Setup, card: gpus.Card | None,
                   run) -> dict:
     """tokens/s, and hours for --tokens (or the data's tokens from its manifest x num_train_epochs)."""
-    from llamafactory_ext import units
     from llamafactory_ext.fit import speed
 
     if card is None or not card.bf16_tflops:
@@ -311,7 +310,9 @@ def run(args: argparse.Namespace) -> int:
         recipe = load_yaml(args.recipe, "recipe") if args.recipe else None
         print(table(recipe, gpu_mem or gpus.CARDS["a40"].memory_gib))
         return 0
-    for flag, v in (("--batch", args.batch), ("--cutoff", args.cutoff), ("--gpus", args.gpus)):
+    if args.cutoff is not None:
+        args.cutoff = units.count(args.cutoff, "--cutoff")
+    for flag, v in (("--batch", args.batch), ("--gpus", args.gpus)):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v}: must be at least 1")
     recipe, what, path, resolved = planned_args(args)

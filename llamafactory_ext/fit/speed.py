@@ -6,7 +6,7 @@ Training, per GPU and micro-step of T = batch x cutoff tokens at sequence length
     F(s) = 6 N + 12 L d s   FLOPs per token (N parameters, L layers, d = heads x head_dim; PaLM's count)
 
 A (seconds, memory-bound: dequantizing the 4-bit weights and the optimizer step) and ETA (the share of the peak
-the matmuls reach) are fitted on the H200 (../shared/data/gpu/h200-2026-12-04.json: Mistral-7B at 4,096 and
+the matmuls reach) are fitted on the H200 (tests/fixtures/gpu_h200_2026-12-04.json: Mistral-7B at 4,096 and
 12,288 tokens, steady seconds per step); other cards scale by their bandwidth and their peak (gpus.py), the
 stated rule. Mistral 4K/12K are reproduced exactly (two points, two parameters); gemma-7b 12K is -5 % (stock
 loss) and +9 % (Liger), a check. tokens/s = T / step time; with G GPUs, G x that (ideal data-parallel scaling).
@@ -36,7 +36,7 @@ GEN_ACT = 8.0  # bytes x MLP width per prompt token alive during the prefill (0.
 GEN_MARGIN = 0.90  # of the card's memory, for the allocator's cache and the CUDA context
 
 # what the constants were fitted on and are checked against (`plan --speed-check`): steady tokens/s on the H200
-# (one sequence of exactly cutoff_len tokens per step; ../shared/data/gpu/h200-2026-12-04.json), and the seed's
+# (one sequence of exactly cutoff_len tokens per step; tests/fixtures/gpu_h200_2026-12-04.json), and the seed's
 # own gemma-7b-it figure on one A40 (5K and 15K records of ~8-9K tokens, 2 epochs: 35 h and 110 h)
 H200_MEASURED = (("mistral", 4096, False, 6037), ("mistral", 12288, False, 6691), ("gemma", 12288, True, 6821),
                  ("gemma", 12288, False, 5925))

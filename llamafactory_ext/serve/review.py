@@ -324,11 +324,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE", help="also save the Markdown review here")
 
 
+def _lf_logs_to_stderr() -> None:
+    """LLaMA-Factory logs INFO lines to stdout (extras/logging.py: StreamHandler(sys.stdout)); stdout is the review
+    (`llamafactory-ext review paper.pdf > review.md`), so they go to stderr with our own progress lines."""
+    import logging
+
+    from llamafactory.extras import logging as lf_logging
+
+    lf_logging.get_logger(__name__)  # configures LLaMA-Factory's root logger and its handler, once
+    for h in logging.getLogger("llamafactory").handlers:
+        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__):
+            h.setStream(sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.paper:
         raise UserError("give the paper to review: llamafactory-ext review paper.pdf (make review PAPER=paper.pdf)")
     if args.family and args.model:
         raise UserError("give --model PATH or --family/--data, not both")
+    if args.run and args.model:
+        raise UserError("give --model PATH or --run NAME, not both")
     if args.family:
         from llamafactory_ext.train import resolve
 
@@ -336,6 +351,15 @@ def run(args: argparse.Namespace) -> int:
         if runs.trained(args.model) is None:
             raise UserError(f"{args.model} is not trained yet (no merged/ or adapter/); run "
                             f"`make sft MODEL={args.family} DATA={args.data}` first")
+    elif args.run:  # RUN= alone: that folder under runs/, never the newest run instead
+        from llamafactory_ext import project
+
+        proj = project.get()
+        args.model = _shown(proj.runs / args.run)
+        if runs.trained(args.model) is None:
+            raise UserError(f"RUN={args.run}: {proj.rel(args.model)} has no trained model (no merged/ or adapter/); "
+                            f"trained runs: {', '.join(t.dir.name for t in runs.trained_runs(proj.runs)) or 'none'}")
+    _lf_logs_to_stderr()
     r = review_paper(args.paper, args.model, template=args.template, max_paper_tokens=args.max_paper_tokens,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                      seed=args.seed, progress=lambda fraction, what: print(f"{what} ...", file=sys.stderr))
