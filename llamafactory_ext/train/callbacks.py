@@ -43,11 +43,43 @@ MODEL_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_atte
 
 
 @functools.cache
-def _recorder_class():
+def _base_class():
     from transformers import TrainerCallback
 
-    class PeakMemoryRecorder(TrainerCallback):
+    class Recorder(TrainerCallback):
+        """Writes <output_dir>/<FILE> (what `record` returns) at every save and at the end of training, on rank 0."""
+
+        FILE = ""
+
+        def record(self, args, state, event: str) -> dict:
+            raise NotImplementedError
+
+        def on_save(self, args, state, control, **kwargs):
+            self.write(args, state, "save")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.write(args, state, "train_end")
+
+        def write(self, args, state, event: str) -> None:
+            if not state.is_world_process_zero:
+                return
+            try:
+                from llamafactory_ext import fileio
+
+                rec = self.record(args, state, event)
+                fileio.atomic_write_text(Path(args.output_dir) / self.FILE, json.dumps(rec, indent=1, default=str) + "\n")
+            except Exception as e:  # a measurement must never stop a training run
+                print(f"llamafactory_ext: could not write {self.FILE}: {e}", file=sys.stderr)
+
+    return Recorder
+
+
+@functools.cache
+def _recorder_class():
+    class PeakMemoryRecorder(_base_class()):
         """Writes <output_dir>/peak_memory.json at every save and at the end of training (rank 0)."""
+
+        FILE = RECORD
 
         def __init__(self, run_args):
             self.run_args = run_args if isinstance(run_args, dict) else list(run_args or [])
@@ -63,27 +95,12 @@ def _recorder_class():
             except Exception:
                 self.model_config = None
 
-        def on_save(self, args, state, control, **kwargs):
-            self.write(args, state, "save")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.write(args, state, "train_end")
-
-        def write(self, args, state, event: str) -> None:
-            if not state.is_world_process_zero:
-                return
-            try:
-                import json
-
-                from llamafactory_ext import fileio
-
-                rec = peak_memory_record(args, state.global_step, event)
-                ds = getattr(args, "hf_deepspeed_config", None)
-                rec.update(longest_sequence=self.longest, model_config=self.model_config,
-                           deepspeed_config=getattr(ds, "config", None), args=self.run_args)
-                fileio.atomic_write_text(Path(args.output_dir) / RECORD, json.dumps(rec, indent=1, default=str) + "\n")
-            except Exception as e:  # a measurement must never stop a training run
-                print(f"llamafactory_ext: could not write {RECORD}: {e}", file=sys.stderr)
+        def record(self, args, state, event: str) -> dict:
+            rec = peak_memory_record(args, state.global_step, event)
+            ds = getattr(args, "hf_deepspeed_config", None)
+            rec.update(longest_sequence=self.longest, model_config=self.model_config,
+                       deepspeed_config=getattr(ds, "config", None), args=self.run_args)
+            return rec
 
     return PeakMemoryRecorder
 
@@ -116,11 +133,11 @@ SPEED = "speed.json"
 
 @functools.cache
 def _speed_class():
-    from transformers import TrainerCallback
-
-    class SpeedRecorder(TrainerCallback):
+    class SpeedRecorder(_base_class()):
         """Writes <output_dir>/speed.json at every save and at the end of training (rank 0): steady-state tokens/s and
         seconds per optimizer step (the first step, which compiles and warms the allocator, left out), MFU."""
+
+        FILE = SPEED
 
         def __init__(self):
             self.marks: list[tuple[float, int, int]] = []  # (time, global step, tokens seen) after each step
@@ -139,22 +156,8 @@ def _speed_class():
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append((time.perf_counter(), state.global_step, int(state.num_input_tokens_seen or 0)))
 
-        def on_save(self, args, state, control, **kwargs):
-            self.write(args, state, "save")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.write(args, state, "train_end")
-
-        def write(self, args, state, event: str) -> None:
-            if not state.is_world_process_zero:
-                return
-            try:
-                from llamafactory_ext import fileio
-
-                rec = speed_record(self.marks, self.params, args, event)
-                fileio.atomic_write_text(Path(args.output_dir) / SPEED, json.dumps(rec, indent=1) + "\n")
-            except Exception as e:  # a measurement must never stop a training run
-                print(f"llamafactory_ext: could not write {SPEED}: {e}", file=sys.stderr)
+        def record(self, args, state, event: str) -> dict:
+            return speed_record(self.marks, self.params, args, event)
 
     return SpeedRecorder
 
