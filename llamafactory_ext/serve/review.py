@@ -262,6 +262,7 @@ def review_paper(paper_path: str | Path, model: str | Path | None = None, *, tem
     max_new_tokens = max_new_tokens or fam_new
     if chat_model is None:
         step(0.15, f"loading {spec.describe()}")
+        _lf_logs_to_stderr()
         chat_model = cached_chat_model(spec, template)
     engine = chat_model.engine
     context = getattr(getattr(engine.model, "config", None), "max_position_embeddings", None)
@@ -359,7 +360,6 @@ def run(args: argparse.Namespace) -> int:
         if runs.trained(args.model) is None:
             raise UserError(f"RUN={args.run}: {proj.rel(args.model)} has no trained model (no merged/ or adapter/); "
                             f"trained runs: {', '.join(t.dir.name for t in runs.trained_runs(proj.runs)) or 'none'}")
-    _lf_logs_to_stderr()
     r = review_paper(args.paper, args.model, template=args.template, max_paper_tokens=args.max_paper_tokens,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                      seed=args.seed, progress=lambda fraction, what: print(f"{what} ...", file=sys.stderr))
