@@ -69,6 +69,15 @@ def temp_dir(t: float, base: bool = False) -> str:
     return f"{'base_' if base else ''}temp_{float(t):g}"
 
 
+_TEMP_DIR = re.compile(r"(base_)?temp_(\d+(?:\.\d+)?)")
+
+
+def parse_temp_dir(name: str) -> tuple[bool, float] | None:
+    """`base_temp_0.5` -> (True, 0.5), `temp_0.35` -> (False, 0.35); anything else (`temp_0.35.old`) -> None."""
+    m = _TEMP_DIR.fullmatch(name)
+    return (bool(m.group(1)), float(m.group(2))) if m else None
+
+
 def temperature(value) -> float:
     """One temperature as given on the command line (TEMP=0.50 -> 0.5)."""
     temps = temperatures(str(value))

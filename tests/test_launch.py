@@ -331,6 +331,23 @@ def test_sft_refuses_predict_flags(ws):
     assert p.returncode == 2 and "`run sft` has no option --temp" in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--batch-size", "0", "BATCH=0 (--batch-size): must be at least 1"),
+    ("--max-new-tokens", "0", "MAX_NEW_TOKENS=0 (--max-new-tokens): must be at least 1"),
+    ("--max-samples", "-1", "MAX_SAMPLES=-1 (--max-samples): must be at least 1"),
+    ("--chunk", "0", "--chunk 0: must be at least 1"),
+    ("--top-p", "2", "TOP_P=2 (--top-p): the share of probability mass sampled from, 0 < TOP_P <= 1"),
+    ("--top-p", "0", "TOP_P=0 (--top-p)"),
+])
+def test_predict_refuses_counts_below_one_and_top_p_outside_0_1(capsys, flag, value, message):
+    """0 used to mean "the default" silently (BATCH=0 ran at the family's 12) and -1 / top_p 2 reached LLaMA-Factory:
+    refused before anything resolves or loads."""
+    from llamafactory_ext import cli
+
+    assert cli.main(["run", "predict", "--model", "nope", flag, value, "--dry-run"]) == 2  # before MODEL is even read
+    assert message in capsys.readouterr().err
+
+
 PAYLOADS = ["`touch {m}`", "$(touch {m})", "x; touch {m}", "$(shell touch {m})"]
 
 

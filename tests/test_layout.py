@@ -142,6 +142,22 @@ def test_the_k_rule():
 def test_one_temperature_folder_rule():
     assert units.temp_dir(0.35) == "temp_0.35" and units.temp_dir(units.temperature("0.50")) == "temp_0.5"
     assert units.temp_dir(0.5, base=True) == "base_temp_0.5" and units.temp_dir(0) == "temp_0"
+    for t, base in ((0.35, False), (0.5, True), (0, False), (1.25, True)):  # read back as written
+        assert units.parse_temp_dir(units.temp_dir(t, base)) == (base, t)
+    for stray in ("temp_0.35.old", "temp_", "base_temp_x", "my_temp_0.5", "temp_0.5.tmp"):
+        assert units.parse_temp_dir(stray) is None, stray
+
+
+def test_a_stray_folder_beside_the_predictions_is_not_a_run(tmp_path):
+    """extract_all used float() on whatever followed `temp_`: a copy named temp_0.35.old raised ValueError."""
+    from llamafactory_ext.eval.predictor import extract_all
+
+    for name in ("temp_0.35", "temp_0.35.old", "base_temp_0.35"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "generated_predictions.jsonl").write_text(
+            '{"prompt": "p", "predict": "[Significance and novelty]\\nx", "label": "y"}\n')
+    rows = extract_all(tmp_path, None, quiet=True)
+    assert [r["run"] for r in rows] == ["base_temp_0.35", "temp_0.35"]
 
 
 def test_the_train_budget_lives_in_the_base_recipe_only():

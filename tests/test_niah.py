@@ -11,7 +11,7 @@ import csv
 
 import pytest
 
-from llamafactory_ext import UserError, cli
+from llamafactory_ext import UserError, cli, families
 from llamafactory_ext.fit import niah
 
 
@@ -107,9 +107,9 @@ def test_argument_parsing():
 
 
 def test_template_guess_and_fallback_haystack(tiny_models, tmp_path):
-    assert niah.guess_template(str(tiny_models["gemma"])) == "gemma"
-    assert niah.guess_template("mistralai/Mistral-7B-Instruct-v0.2") == "mistral"
-    assert niah.guess_template("someone/unknown") is None
+    assert families.guess_template(str(tiny_models["gemma"])) == "gemma"
+    assert families.guess_template("mistralai/Mistral-7B-Instruct-v0.2") == "mistral"
+    assert families.guess_template("someone/unknown") is None
     filler = niah.fallback_filler(50)
     assert filler.count(".") == 50 and filler == niah.fallback_filler(50)
     with pytest.raises(UserError, match="not found"):

@@ -225,6 +225,7 @@ def _image_only_pdf(path: Path) -> Path:
     ("noconfig", "no config.json (model), adapter_config.json (LoRA adapter), merged/ or adapter/ in it"),
     ("llama", "cannot tell the chat template of"),
     ("template", "--template 'nosuch' is not a LLaMA-Factory template"),
+    ("top_p", "--top-p 3: the share of probability mass sampled from, 0 < top_p <= 1"),
 ])
 def test_errors(tmp_path, tiny_models, capsys, case, message):
     model, extra = str(tiny_models["mistral"]), []
@@ -263,6 +264,8 @@ def test_errors(tmp_path, tiny_models, capsys, case, message):
         model = str(tmp_path / "run")
     elif case == "template":
         extra = ["--template", "nosuch"]
+    elif case == "top_p":
+        extra = ["--top-p", "3"]
     elif case == "noconfig":
         (tmp_path / "empty").mkdir()
         model = str(tmp_path / "empty")

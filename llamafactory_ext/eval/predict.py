@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from llamafactory_ext import UserError, units
+from llamafactory_ext import UserError, families, units
 from llamafactory_ext.data import checks
 from llamafactory_ext.data.register import dataset_file
 from llamafactory_ext.eval.predictor import Target, extract_all, predict_args, tokenizer_of
@@ -138,7 +138,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value LLaMA-Factory arguments")
 
 
+def check_numbers(ns: argparse.Namespace) -> None:
+    """Counts and top_p as given (make variable and flag named), before anything loads: 0 would otherwise mean
+    "the default" silently, and a negative count or a top_p above 1 would reach LLaMA-Factory."""
+    for given, v in (("BATCH={} (--batch-size)", ns.batch_size), ("MAX_NEW_TOKENS={} (--max-new-tokens)",
+                     ns.max_new_tokens), ("MAX_SAMPLES={} (--max-samples)", ns.max_samples), ("--chunk {}", ns.chunk)):
+        if v is not None and v < 1:
+            raise UserError(f"{given.format(v)}: must be at least 1; leave it out for the default")
+    if ns.top_p is not None and not 0 < ns.top_p <= 1:
+        raise UserError(f"TOP_P={ns.top_p:g} (--top-p): the share of probability mass sampled from, "
+                        f"0 < TOP_P <= 1 (the family's default: {families.TOP_P})")
+
+
 def run(ns: argparse.Namespace) -> int:
+    check_numbers(ns)
     if ns.backend == "vllm":
         from llamafactory_ext.eval import vllm_predict
 

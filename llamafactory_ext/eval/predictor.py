@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamafactory_ext import UserError
+from llamafactory_ext import UserError, units
 from llamafactory_ext.train import resolve
 
 # LLaMA-Factory counts the reference review in the predict budget and, when over, cuts the END of the prompt
@@ -70,11 +70,9 @@ def extract_all(out_root: Path, ids: Path | None, *, quiet: bool = False, shown=
     if ids is not None and not ids.is_file():
         raise UserError(f"{ids} (the predicted split) is missing: papers could not be named; run `make data` again")
 
-    def order(p: Path) -> tuple:
-        base, _, t = p.name.rpartition("temp_")
-        return (base != "base_", float(t))
-
-    done = sorted((p.parent for p in out_root.glob("*temp_*/generated_predictions.jsonl")), key=order)
+    found = {p.parent: units.parse_temp_dir(p.parent.name) for p in out_root.glob("*temp_*/generated_predictions.jsonl")}
+    # base first, then by temperature; a folder that is not a temperature's (temp_0.35.old) is not a run
+    done = sorted((d for d, bt in found.items() if bt), key=lambda d: (not found[d][0], found[d][1]))
     rows = extract.extract([p / "generated_predictions.jsonl" for p in done], out_root, ids, [p.name for p in done])
     if not quiet:
         sys.stdout.write(extract.format_markdown(rows))

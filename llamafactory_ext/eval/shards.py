@@ -310,7 +310,6 @@ def add_arguments(p) -> None:
 
 def run(ns) -> int:
     """`llamafactory-ext predict-merge`: join a run's shards (see the module docstring)."""
-    import re
 
     from llamafactory_ext import project as project_mod
     from llamafactory_ext.data.prepare import safe_stem
@@ -343,8 +342,7 @@ def run(ns) -> int:
                         f" in {proj.rel(rdir)}/predict (there: {there}); {hint}")
     root = found[0]
     count = int(root.name.rsplit("-", 1)[1])
-    pattern = re.compile(r"(base_)?temp_([0-9.]+)")
-    found = sorted({(bool(m.group(1)), float(m.group(2))) for d in root.glob("*/*temp_*") if (m := pattern.fullmatch(d.name))})
+    found = sorted({bt for d in root.glob("*/*temp_*") if (bt := units.parse_temp_dir(d.name))})
     wanted = [(b, t) for b, t in found if (not ns.base or b) and (ns.temp is None or t == units.temperature(ns.temp))]
     if not wanted:
         raise UserError(f"{proj.rel(root)}: no shard has reviewed anything yet"

@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llamafactory_ext import UserError, units
+from llamafactory_ext import UserError, families, units
 from llamafactory_ext.fileio import atomic_write, atomic_write_text
 
 NEEDLE = "The special magic number is {number}."
@@ -190,13 +190,6 @@ def score(response: str, number: int) -> bool:
     return str(number) in re.findall(r"\d+", response.replace(",", ""))
 
 
-def guess_template(model: str) -> str | None:
-    """LLaMA-Factory template for the model (the family table: its run, hub id, config.json model_type)."""
-    from llamafactory_ext.families import guess_template as from_families
-
-    return from_families(model)
-
-
 def load_chat_model(model: str, template: str | None, rope_scaling: str | None, adapter: str | None,
                     max_new_tokens: int):
     from llamafactory.chat import ChatModel
@@ -222,7 +215,7 @@ def run_probe(model: str, lengths: list[int], depths: list[float], *, template: 
     from tqdm import tqdm
 
     if template == "auto":
-        template = guess_template(model)
+        template = families.guess_template(model)
     cm = chat_model or load_chat_model(model, template, rope_scaling, adapter, max_new_tokens)
     tok, tpl = cm.engine.tokenizer, cm.engine.template
     hay = haystack_text(haystack)

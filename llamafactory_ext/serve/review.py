@@ -240,6 +240,9 @@ def review_paper(paper_path: str | Path, model: str | Path | None = None, *, tem
         raise UserError("--max-paper-tokens and --max-new-tokens must be >= 1")
     if temperature < 0:
         raise UserError("--temperature must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p:g}: the share of probability mass sampled from, 0 < top_p <= 1 "
+                        f"(default {families.TOP_P})")
     if model in (None, ""):
         if runs_dir is None:
             from llamafactory_ext import project

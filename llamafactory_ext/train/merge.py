@@ -63,9 +63,12 @@ def run(ns: argparse.Namespace) -> int:
     rc = launcher.launch(["llamafactory-cli", "export", r.project.rel(final)], env, r.project.root, log=ns.log,
                          label="merge")
     if rc == 0:
+        old = r.merged.with_name("merged.old")  # the previous model stays whole until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
         if r.merged.exists():
-            shutil.rmtree(r.merged)
+            r.merged.rename(old)
         tmp.rename(r.merged)
+        shutil.rmtree(old, ignore_errors=True)
         atomic_write_text(final, dump_yaml(args))
         if ns.log is None:
             print(f"merged model: {r.project.rel(r.merged)}")

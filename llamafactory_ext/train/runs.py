@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -214,6 +213,3 @@ def move_aside(path: Path, dest_dir: Path) -> Path:
     path.rename(dest)
     return dest
 
-
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
