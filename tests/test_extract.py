@@ -103,32 +103,45 @@ def test_a_present_but_empty_section_is_missing():
 
 
 # ----------------------------------------------------------------------------- metrics
-def _reference_scores(pred: str, label: str) -> dict[str, float]:
-    """The formula of LLaMA-Factory's ComputeSimilarity, written out independently."""
-    import jieba
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-    from rouge_chinese import Rouge
+class _IndexTokenizer:
+    """Lets LLaMA-Factory's ComputeSimilarity score strings: token id i 'decodes' to texts[i]."""
 
-    hyp, ref = list(jieba.cut(pred)), list(jieba.cut(label))
-    if not " ".join(hyp).split() or not " ".join(ref).split():
-        r = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
-    else:
-        s = Rouge().get_scores(" ".join(hyp), " ".join(ref))[0]
-        r = {k: s[k]["f"] for k in ("rouge-1", "rouge-2", "rouge-l")}
-    r = {k: round(v * 100, 4) for k, v in r.items()}
-    r["bleu-4"] = round(sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3) * 100, 4)
-    return r
+    pad_token_id = 0
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+    def batch_decode(self, ids, skip_special_tokens: bool = True) -> list[str]:
+        return [self.texts[int(row[0])] for row in ids]
 
 
-def test_similarity_is_llamafactory_formula():
-    preds = ["The paper proposes a new method for graph learning.", "", "完全不同的文本 with mixed scripts"]
-    labels = ["The paper proposes a novel approach to graph learning.", "non-empty label", "完全不同 text"]
-    got = similarity(preds, labels)
-    per = [_reference_scores(p, lbl) for p, lbl in zip(preds, labels, strict=True)]
-    for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
-        assert got[k] == pytest.approx(sum(x[k] for x in per) / len(per), abs=1e-9)
-    assert got["rouge-1"] > 0 and per[1]["rouge-1"] == 0.0
+def _llamafactory_scores(preds: list[str], labels: list[str]) -> dict[str, float]:
+    """LLaMA-Factory's own ComputeSimilarity (what its predict writes to predict_results.json) on texts."""
+    import numpy as np
+    from llamafactory.train.sft.metric import ComputeSimilarity
+    from transformers import EvalPrediction
+
+    n = len(preds)
+    metric = ComputeSimilarity(tokenizer=_IndexTokenizer(list(preds) + list(labels)))
+    ev = EvalPrediction(predictions=np.arange(n).reshape(n, 1), label_ids=np.arange(n, 2 * n).reshape(n, 1))
+    return metric(ev, compute_result=True)
+
+
+def test_similarity_is_llamafactory_own_metric(sample_jsonl):
+    """extract's metric (written out, so that `make predict` does not import LLaMA-Factory for it) gives what
+    LLaMA-Factory's ComputeSimilarity gives: real reviews scored against other papers' reviews, a review against
+    its own first half, an empty side, another script."""
+    reviews = [json.loads(x)["output"] for x in sample_jsonl.open()][:12]
+    preds = reviews[:6] + [r[: len(r) // 2] for r in reviews[6:9]] + ["", "完全不同的文本 with mixed scripts", "   "]
+    labels = reviews[6:12] + reviews[6:9] + ["non-empty label", "完全不同 text", "a label"]
+    got, want = similarity(preds, labels), _llamafactory_scores(preds, labels)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-9), k
+    assert 0 < got["rouge-1"] < 100 and 0 < got["bleu-4"] < 100
     assert similarity(["same text here"], ["same text here"])["bleu-4"] == pytest.approx(100.0)
+    one = similarity([""], ["non-empty label"])
+    assert one["rouge-1"] == one["rouge-l"] == 0.0
 
 
 # ----------------------------------------------------------------------------- the command

@@ -3,8 +3,8 @@
 Per run (one PRED file; named by --name, else by its folder, e.g. `temp_0.35`) it writes
 `OUT/<run>/reviews.jsonl` (paper_id, the full review and its four sections parsed, has_all_sections)
 and `OUT/<run>/md/<paper_id>.md`. Over all runs: `OUT/metrics.md` and `OUT/metrics.csv`, one row
-per run: BLEU-4 and ROUGE-1/2/L exactly as LLaMA-Factory's predict computes them (its own
-`ComputeSimilarity`: jieba words for ROUGE, characters for BLEU-4 with smoothing method3, x100,
+per run: BLEU-4 and ROUGE-1/2/L exactly as LLaMA-Factory's predict computes them (the formula
+of its `ComputeSimilarity`: jieba words for ROUGE, characters for BLEU-4 with smoothing method3, x100,
 averaged), the share of reviews with all four sections, and length statistics.
 
 --ids is the alpaca JSONL that was predicted (same order, one `paper_id` per line); without it
@@ -85,32 +85,33 @@ def read_ids(path: Path, preds: list[dict], pred_path: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- metrics
-class _IndexTokenizer:
-    """Lets LLaMA-Factory's ComputeSimilarity score strings: token id i 'decodes' to texts[i]."""
-
-    pad_token_id = 0
-
-    def __init__(self, texts: list[str]):
-        self.texts = texts
-
-    def batch_decode(self, ids, skip_special_tokens: bool = True) -> list[str]:
-        return [self.texts[int(row[0])] for row in ids]
-
-
 def similarity(preds: list[str], labels: list[str]) -> dict[str, float]:
-    """Mean BLEU-4 / ROUGE-1/2/L (x100) via LLaMA-Factory's own `ComputeSimilarity`, on text."""
+    """Mean BLEU-4 / ROUGE-1/2/L (x100) of texts, computed as LLaMA-Factory 0.9.5's `ComputeSimilarity`
+    (train/sft/metric.py) computes them after decoding: jieba words for ROUGE (0 when either side has no
+    word), characters for BLEU-4 with smoothing method3, each score rounded to 4 places, then the mean.
+    Written out here, not imported: `llamafactory.train.sft.metric` imports all of LLaMA-Factory (~8 s at
+    every `make predict`); tests/test_extract.py checks it against LLaMA-Factory's own class on real reviews,
+    and test_pipeline against the predict_results.json of a real predict."""
     import logging
 
     import jieba
     import numpy as np
-    from llamafactory.train.sft.metric import ComputeSimilarity
-    from transformers import EvalPrediction
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_chinese import Rouge
 
     jieba.setLogLevel(logging.WARNING)
-    n = len(preds)
-    metric = ComputeSimilarity(tokenizer=_IndexTokenizer(list(preds) + list(labels)))
-    ev = EvalPrediction(predictions=np.arange(n).reshape(n, 1), label_ids=np.arange(n, 2 * n).reshape(n, 1))
-    return {k: float(v) for k, v in metric(ev, compute_result=True).items()}
+    scores: dict[str, list[float]] = {"rouge-1": [], "rouge-2": [], "rouge-l": [], "bleu-4": []}
+    for pred, label in zip(preds, labels, strict=True):
+        hyp, ref = list(jieba.cut(pred)), list(jieba.cut(label))
+        if not " ".join(hyp).split() or not " ".join(ref).split():
+            rouge = {k: 0.0 for k in ("rouge-1", "rouge-2", "rouge-l")}
+        else:
+            rouge = {k: v["f"] for k, v in Rouge().get_scores(" ".join(hyp), " ".join(ref))[0].items()}
+        for k, v in rouge.items():
+            scores[k].append(round(v * 100, 4))
+        bleu = sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3)
+        scores["bleu-4"].append(round(bleu * 100, 4))
+    return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
 def run_row(name: str, reviews: list[dict], labels: list[str]) -> dict:
