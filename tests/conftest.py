@@ -44,11 +44,13 @@ GROUPS = {"tests/test_demo.py": "smollm2_workspace", "tests/test_webui.py": "smo
           "tests/test_walkthrough.py": "walkthrough_ws", "tests/test_pipeline.py": "walkthrough_ws"}
 
 
-# the longest units first (measured: the SmolLM2 group ~440 s of one core, the walkthrough group ~210, multinode and
-# test_launch ~140 each), so that the short files fill the gaps at the end instead of one worker finishing alone
+# the longest units first (measured, seconds of one core: the SmolLM2 group ~450, the walkthrough group ~230,
+# multinode ~150, test_launch ~140, training ~120, rope ~100, shards ~90, gpucheck ~50), so that the short files
+# fill the gaps at the end instead of one worker finishing a long file alone
 FIRST = ("smollm2_workspace", "walkthrough_ws", "tests/test_multinode.py", "tests/test_launch.py",
-         "tests/test_training.py", "tests/test_shards.py", "tests/test_rope.py", "tests/test_gpucheck.py",
-         "tests/test_smollm2.py")
+         "tests/test_training.py", "tests/test_rope.py", "tests/test_shards.py", "tests/test_gpucheck.py",
+         "tests/test_smollm2.py", "tests/test_interrupts.py", "tests/test_recipes.py", "tests/test_slurm.py",
+         "tests/test_plan.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -63,8 +65,12 @@ def pytest_collection_modifyitems(config, items):
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's scope scheduling: a test file is one unit (its module fixtures, e.g. test_launch's built
     workspace, are built once, not once per worker), and GROUPS' files share one unit (xdist's `--dist loadgroup`
-    cannot rename test ids under pytest 9)."""
+    cannot rename test ids under pytest 9); the units go out in FIRST's order."""
     from xdist.scheduler import LoadScopeScheduling
+
+    # xdist re-sorts the units by their number of tests unless told not to: test_shards (1 test, ~90 s) and
+    # test_gpucheck (~50 s) then started last, and one worker ran them alone at the end (~70 s of the wall time)
+    config.option.loadscopereorder = False
 
     class Groups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:

@@ -375,17 +375,17 @@ def test_deepspeed_dry_run_builds_nothing_and_a_leftover_lock_file_is_harmless(w
     existed stopped every DeepSpeed run after the first build (and failed CI): an old lock file must not matter."""
     ext_dir = tmp_path / "torch_extensions"
     env = cli_env(TORCH_EXTENSIONS_DIR=str(ext_dir))
-    p = ext(ws, "run", "sft", "--dry-run", "deepspeed=deepspeed/ds_z2_config.json", env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "FORCE_TORCHRUN=1" in p.stdout
-    assert not ext_dir.exists() or not any(ext_dir.rglob("*.so")), "the dry run compiled a C++ op"
-    lock = ext_dir / "py311_cu130" / "deepspeed_shm_comm" / "lock"
+    lock = ext_dir / "py311_cu130" / "deepspeed_shm_comm" / "lock"  # what an earlier build left
     lock.parent.mkdir(parents=True)
     lock.touch()
     old = time.time() - 3600
     os.utime(lock, (old, old))
+    # (without any lock file: every other DeepSpeed dry run, e.g. test_recipes' mistral_15k)
     p = ext(ws, "run", "sft", "--dry-run", "deepspeed=deepspeed/ds_z2_config.json", env=env)
     assert p.returncode == 0 and "lock" not in p.stderr, p.stderr[-3000:]
+    assert "FORCE_TORCHRUN=1" in p.stdout
+    assert not any(ext_dir.rglob("*.so")), "the dry run compiled a C++ op"
+    assert sorted(p.relative_to(ext_dir) for p in ext_dir.rglob("*") if p.is_file()) == [lock.relative_to(ext_dir)]
 
 
 def test_recipe_registry_resolves_only_training_splits(ws):

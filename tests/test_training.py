@@ -71,11 +71,17 @@ RESUME_ARGS = ["num_train_epochs=2", "save_steps=4", "logging_steps=1", "lr_sche
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_models, tmp_path_factory) -> dict:
+def uninterrupted_ws(tiny_models, tmp_path_factory) -> Path:
+    """8 steps at batch 2 without a stop, a checkpoint every 4 steps (kept): the runs below are compared to it."""
     ws = workspace(tmp_path_factory.mktemp("full"))
     rc, log = sft(ws, *RESUME_ARGS)
     assert rc == 0, log[-4000:]
-    return state(ws)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_ws) -> dict:
+    return state(uninterrupted_ws)
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path):
@@ -115,12 +121,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_pat
         assert losses(st)[step] == pytest.approx(losses(uninterrupted)[step], rel=1e-3, abs=1e-3)
 
 
-def test_resume_with_a_smaller_per_device_batch(uninterrupted, tmp_path):
-    """The seed's OOM case: batch 2 -> 1 after a checkpoint. Global step, optimizer and scheduler state
-    carry over; the step count and the data position are recomputed in the new batch size."""
+def test_resume_with_a_smaller_per_device_batch(uninterrupted_ws, tmp_path):
+    """The seed's OOM case: batch 2 -> 1 after a checkpoint (the uninterrupted run's checkpoint-4, copied with its
+    run folder). Global step, optimizer and scheduler state carry over; the step count and the data position are
+    recomputed in the new batch size."""
     ws = workspace(tmp_path)
-    rc, log = sft(ws, *RESUME_ARGS, "max_steps=4", tag="first")
-    assert rc == 0, log[-3000:]
+    shutil.copytree(uninterrupted_ws / "runs", ws / "runs", symlinks=True)
+    for f in (ws / "runs/tiny_sample/adapter").iterdir():  # as if that run had stopped after step 4 (an OOM)
+        if f.name != "checkpoint-4":
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    assert state(ws, "checkpoint-4")["global_step"] == 4
     args = [a for a in RESUME_ARGS if not a.startswith("per_device_train_batch_size")]
     rc, log = sft(ws, *args, "per_device_train_batch_size=1", "--resume",
                   str(ws / "runs/tiny_sample/adapter/checkpoint-4"), tag="smaller")
