@@ -74,6 +74,36 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def swap_folder(new: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move the finished folder `new` (same file system) into `out`'s place. A previous `out` is moved aside
+    first and removed after: a crash in between leaves the old folder (named `.<out>.<pid>-<host>.old.tmp`,
+    cleared by the next swap) or the new one, never half of either."""
+    new, out = Path(new), Path(out)
+    remove_stale_temps(out)
+    old = out.with_name(f".{out.name}.{os.getpid()}-{_host_tag()}.old.tmp")
+    if out.exists():
+        out.rename(old)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """`with build_folder(out) as tmp: <write into tmp>`: a temp folder beside `out`, swapped into place
+    (swap_folder) when the block ends without an error, removed otherwise (`out` then stays as it was).
+    A builder killed outright leaves only its temp folder, which remove_stale_temps(out) clears."""
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-{_host_tag()}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        swap_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _sigterm(signum, frame):
     """SIGTERM while an atomic write is open: unwind like Ctrl-C, so every open temp file is removed."""
     raise SystemExit(128 + signum)

@@ -354,3 +354,46 @@ def test_stale_temps_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
 
     live.communicate(b"\n", timeout=30)
     assert live.returncode == 0 and target.read_text() == "live writer\n" and not live_tmp.exists()
+
+
+FOLDER_BUILDER = """
+import sys, time
+from pathlib import Path
+from llamafactory_ext.fileio import build_folder
+with build_folder(Path(sys.argv[1])) as tmp:
+    (tmp / "model.safetensors").write_text("half a model")
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_model_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    """fileio.build_folder, what every model build (tiny, smollm2, gpu-check) and `make merge` (swap_folder) use: a
+    builder SIGKILLed mid-write leaves the previous folder as it was; an error inside leaves it too; the next build
+    replaces it and clears what the dead builder left (its temp folder, a moved-aside old one)."""
+    from llamafactory_ext.fileio import build_folder
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the old model")
+    proc = subprocess.Popen([sys.executable, "-c", FOLDER_BUILDER, str(out)], stdout=subprocess.PIPE, env=cli_env())
+    assert proc.stdout.readline() == b"ready\n"
+    proc.kill()
+    proc.wait()
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "the old model"
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]
+    assert left.name.startswith(f".model.{proc.pid}-") and left.is_dir()
+    aside = tmp_path / f".model.{proc.pid}-{_host_tag()}.old.tmp"  # as if killed between swap_folder's two renames
+    aside.mkdir()
+
+    with pytest.raises(RuntimeError), build_folder(out) as tmp:
+        (tmp / "model.safetensors").write_text("a failed build")
+        raise RuntimeError("conversion failed")
+    assert (out / "model.safetensors").read_text() == "the old model"
+    with build_folder(out) as tmp:
+        (tmp / "model.safetensors").write_text("the new model")
+        assert (out / "model.safetensors").read_text() == "the old model"  # until the block ends
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "the new model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing of the dead builder is left

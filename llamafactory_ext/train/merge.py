@@ -14,7 +14,7 @@ import argparse
 import shutil
 
 from llamafactory_ext import UserError
-from llamafactory_ext.fileio import atomic_write_text, dump_yaml
+from llamafactory_ext.fileio import atomic_write_text, dump_yaml, swap_folder
 from llamafactory_ext.train import launcher, resolve, sft
 
 EXTRA_ARGS = "overrides"
@@ -63,12 +63,7 @@ def run(ns: argparse.Namespace) -> int:
     rc = launcher.launch(["llamafactory-cli", "export", r.project.rel(final)], env, r.project.root, log=ns.log,
                          label="merge")
     if rc == 0:
-        old = r.merged.with_name("merged.old")  # the previous model stays whole until the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-        if r.merged.exists():
-            r.merged.rename(old)
-        tmp.rename(r.merged)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_folder(tmp, r.merged)  # the previous model stays whole until the new one is in place
         atomic_write_text(final, dump_yaml(args))
         if ns.log is None:
             print(f"merged model: {r.project.rel(r.merged)}")
