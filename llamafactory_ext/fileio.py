@@ -224,6 +224,20 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[tuple[int, d
     return rows
 
 
+def unique_paper_id(path: str | os.PathLike, lineno: int, row: dict, seen: dict[str, int]) -> str:
+    """The `paper_id` of line `lineno` of `path`: a non-empty string not seen before (`seen`: id -> the line it
+    was first at; updated). A clear error naming the file and line otherwise."""
+    from llamafactory_ext import UserError
+
+    pid = row.get("paper_id")
+    if not isinstance(pid, str) or not pid:
+        raise UserError(f"{path}:{lineno}: field 'paper_id' must be a non-empty string")
+    if pid in seen:
+        raise UserError(f"{path}:{lineno}: duplicate paper_id {pid!r} (first at line {seen[pid]})")
+    seen[pid] = lineno
+    return pid
+
+
 def load_yaml(path: str | os.PathLike, what: str = "YAML file") -> dict:
     """A YAML mapping (LLaMA-Factory arguments, a recipe, a run's sft_args.yaml): {} for an empty file, a one-line
     UserError naming the file for a missing one, a syntax error or anything but a mapping. The only YAML reader."""

@@ -404,8 +404,7 @@ def is_applied() -> bool:
     """The RoPE fix is active in this process (LLaMA-Factory's rope module, and transformers' if imported)."""
     rope = sys.modules.get(ROPE_MODULE)
     hf = sys.modules.get(HF_ROPE_MODULE)
-    return (rope is not None and rope.configure_rope is fixed_configure_rope
-            and (hf is None or getattr(hf.dynamic_rope_update, "_llamafactory_ext_fixed", False)))
+    return rope is not None and _is_patched(rope) and (hf is None or _is_patched(hf))
 
 
 def install_import_hook() -> None:

@@ -224,6 +224,8 @@ def test_extract_without_ids_and_with_names(tmp_path, two_runs):
     ("nofield", "generated_predictions.jsonl:1: field 'predict' must be a string"),
     ("dupname", "is used by more than one prediction file"),
     ("names", "got 1 --name for 2 prediction files"),
+    ("dupid", "test.jsonl:3: duplicate paper_id"),
+    ("noid", "test.jsonl:2: field 'paper_id' must be a non-empty string"),
 ])
 def test_extract_errors(tmp_path, two_runs, capsys, case, message):
     a, ids = two_runs["a"], two_runs["ids"]
@@ -246,6 +248,13 @@ def test_extract_errors(tmp_path, two_runs, capsys, case, message):
         args = [str(a), str(other)]
     elif case == "names":
         args = [str(a), str(two_runs["b"]), "--name", "only-one"]
+    elif case in ("dupid", "noid"):
+        rows = [json.loads(x) for x in lines]
+        if case == "dupid":
+            rows[2]["paper_id"] = rows[0]["paper_id"]
+        else:
+            rows[1]["paper_id"] = ""
+        _write_jsonl(ids, rows)
     rc = cli.main(["extract", *args, "--out", str(tmp_path / "out")])
     assert rc == 2
     assert message in capsys.readouterr().err

@@ -23,7 +23,7 @@ import pytest
 from conftest import cli_env
 
 from llamafactory_ext import UserError, cli
-from llamafactory_ext.eval.judge import figure, judge
+from llamafactory_ext.eval.judge import _by_id, figure, judge
 from llamafactory_ext.eval.judging import combine, parse_verdict, sign_test, summarize, wilson
 
 VENV_BIN = Path(sys.executable).parent
@@ -132,6 +132,20 @@ def test_summarize_headline_by_hand():
                               "test": s["sign_test"]["test"]}
     # position bias gauge over the 8 valid pairs' 16 answers: "A" 5 + 1 + 0 + 2 = 8 times
     assert s["first_position_pick_rate"] == 0.5
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([{"paper_id": "a", "review": "x"}, {"paper_id": "a", "review": "y"}],
+     "reviews.jsonl:2: duplicate paper_id 'a' (first at line 1)"),
+    ([{"paper_id": "a", "review": "x"}, {"review": "y"}], "reviews.jsonl:2: field 'paper_id' must be a non-empty string"),
+    ([{"paper_id": "a", "text": "x"}], "reviews.jsonl:1: no 'review' field"),
+    ([{"paper_id": "a", "review": 3}], "reviews.jsonl:1: field 'review' must be a string"),
+])
+def test_a_side_file_names_the_line_of_a_bad_paper_id_or_review(tmp_path, rows, message):
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=re.escape(message)):
+        _by_id(path, "reviews", ("review",))
 
 
 def test_summarize_without_valid_pairs():

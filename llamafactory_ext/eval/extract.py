@@ -30,7 +30,7 @@ from pathlib import Path
 
 from llamafactory_ext import UserError
 from llamafactory_ext.eval.sections import SECTION_KEYS, parse_sections, render_markdown
-from llamafactory_ext.fileio import atomic_write, atomic_write_text, read_jsonl
+from llamafactory_ext.fileio import atomic_write, atomic_write_text, read_jsonl, unique_paper_id
 
 METRIC_COLUMNS = ["run", "n", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "all_sections_%",
                   "words_mean", "words_median", "chars_mean", "chars_median", "ref_words_mean"]
@@ -69,12 +69,7 @@ def read_ids(path: Path, preds: list[dict], pred_path: Path) -> list[str]:
                         f"pass the exact file that was predicted")
     ids, seen = [], {}
     for (i, row), pred in zip(rows, preds, strict=True):
-        pid = row.get("paper_id")
-        if not isinstance(pid, str) or not pid:
-            raise UserError(f"{path}:{i}: field 'paper_id' must be a non-empty string")
-        if pid in seen:
-            raise UserError(f"{path}:{i}: duplicate paper_id {pid!r} (first at line {seen[pid]})")
-        seen[pid] = i
+        pid = unique_paper_id(path, i, row, seen)
         ref = row.get("output")
         if isinstance(ref, str):  # alignment: the label (maybe cut by cutoff_len) starts the reference
             if not _squash(ref).startswith(_squash(pred["label"])[:200]):

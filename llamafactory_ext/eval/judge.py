@@ -53,7 +53,7 @@ from llamafactory_ext.eval.judging import (
     summarize,
     why_invalid,
 )
-from llamafactory_ext.fileio import atomic_write, atomic_write_text, read_jsonl
+from llamafactory_ext.fileio import atomic_write, atomic_write_text, read_jsonl, unique_paper_id
 
 RETRYABLE = {408, 409, 429}  # plus every 5xx: what the openai client retries
 MALFORMED = "x-llamafactory-ext-malformed-200"  # header of the stand-in for a 200 that is no chat completion
@@ -77,11 +77,7 @@ def _by_id(path: Path, what: str, fields: tuple[str, ...], render=None) -> dict[
     out: dict[str, str] = {}
     lines: dict[str, int] = {}
     for i, row in _read_jsonl(path, what):
-        pid = row.get("paper_id")
-        if not isinstance(pid, str) or not pid:
-            raise UserError(f"{path}:{i}: field 'paper_id' must be a non-empty string")
-        if pid in out:
-            raise UserError(f"{path}:{i}: duplicate paper_id {pid!r} (first at line {lines[pid]})")
+        pid = unique_paper_id(path, i, row, lines)
         field = next((f for f in fields if f in row), None)
         if field is None and render is not None and "summary" in row:
             try:
@@ -94,7 +90,7 @@ def _by_id(path: Path, what: str, fields: tuple[str, ...], render=None) -> dict[
             text = row[field]
         if not isinstance(text, str):
             raise UserError(f"{path}:{i}: field {field!r} must be a string")
-        out[pid], lines[pid] = text, i
+        out[pid] = text
     return out
 
 
