@@ -310,7 +310,6 @@ def add_arguments(p) -> None:
 
 def run(ns) -> int:
     """`llamafactory-ext predict-merge`: join a run's shards (see the module docstring)."""
-
     from llamafactory_ext import project as project_mod
     from llamafactory_ext.data.prepare import safe_stem
     from llamafactory_ext.train import resolve
